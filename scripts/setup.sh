@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install Tessera into ./.venv: torch 2.13.0 (CPU wheel) first, then everything else pinned through
+# requirements/constraints.txt, then the Debian Fashion-MNIST package the demo trains on.
+# Idempotent: a second run only re-checks (a stamp records what was installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do command -v "$cand" >/dev/null && PY="$cand" && break; done
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+
+stamp=".venv/.tessera-install"
+want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing torch==2.13.0 (CPU), then Tessera and its pinned dependencies"
+  $PIP install -q torch==2.13.0 -c requirements/constraints.txt
+  $PIP install -q -c requirements/constraints.txt -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+
+# Real data: Debian's dataset-fashion-mnist (31 MB). Without apt/root, runs fall back to sklearn digits.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo -n"
+  if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "[setup] installing Debian package dataset-fashion-mnist"
+    $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+      || echo "[setup] WARNING: could not install dataset-fashion-mnist; the demo will use sklearn digits"
+  else
+    echo "[setup] WARNING: no apt-get/root: dataset-fashion-mnist not installed; the demo will use sklearn digits"
+  fi
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)' 2>/dev/null)"
