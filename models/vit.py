@@ -1,0 +1,181 @@
+"""Vision Transformer (Dosovitskiy et al. 2021; DeiT sizes), the encoder MAE pretrains.
+
+Backbone contract (shared by every registered backbone):
+  forward_features(images, ids_keep=None) -> tokens (B, 1 + L, D), final norm applied
+  forward_head(features, pre_logits=False) -> pooled (B, D) or logits (B, num_classes)
+  forward_intermediates(images, indices) -> list of (B, D, H/p, W/p) maps from the chosen blocks
+  no_weight_decay(), group_matcher(), set_grad_checkpointing(), num_features, feature_info
+`ids_keep` (B, K) selects which patch tokens enter the encoder (MAE's sparse encoding); the cls token is
+always kept and comes first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from models.layers import Block, init_mae_weights, sincos_pos_embed_2d
+from models.registry import MODELS
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, L, D)
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"input is {tuple(x.shape[-2:])}, the model expects {self.img_size}x{self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pos_embed: str = "learned",  # learned | sincos (fixed, as in MAE)
+        global_pool: str = "token",  # token | avg
+        num_classes: int = 0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.embed_dim = self.num_features = embed_dim
+        self.in_chans, self.mlp_ratio, self.norm_eps = in_chans, mlp_ratio, norm_eps
+        self.num_heads, self.qkv_bias, self.global_pool = num_heads, qkv_bias, global_pool
+        self.pos_embed_type = pos_embed
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_size, self.grid_size = patch_size, self.patch_embed.grid_size
+        self.num_patches = self.patch_embed.num_patches
+        self.num_prefix_tokens = 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        n_pos = 1 + self.num_patches
+        if pos_embed == "sincos":
+            sincos = sincos_pos_embed_2d(embed_dim, self.grid_size).unsqueeze(0)
+            self.register_buffer("pos_embed", sincos, persistent=False)  # (1, 1 + L, D), fixed
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_eps, attn_backend) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
+        ]
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        self.apply(init_mae_weights)
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over the flattened patch
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    # --- contract -------------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """Regexes grouping parameters by depth (for layer-wise LR decay): stem, then one group per block."""
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)", "head": r"^norm|^head"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def embed(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens + position embedding, optionally subset to `ids_keep`, with the cls token first."""
+        x = self.patch_embed(images)  # (B, L, D)
+        pos = self.pos_embed.to(x.dtype)  # a fixed buffer stays fp32 when an engine casts parameters to bf16
+        x = x + pos[:, 1:]
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1)
+
+    def run_blocks(self, x: torch.Tensor, blocks=None) -> torch.Tensor:
+        for blk in self.blocks if blocks is None else blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_features(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm(self.run_blocks(self.embed(images, ids_keep)))  # (B, 1 + K, D)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: list[int] | None = None) -> list[torch.Tensor]:
+        """Spatial maps (B, D, H/p, W/p) after the blocks in `indices` (default: the last)."""
+        indices = [len(self.blocks) - 1] if indices is None else [i % len(self.blocks) for i in indices]
+        x, out = self.embed(images), []
+        for i, blk in enumerate(self.blocks):
+            x = self.run_blocks(x, [blk])
+            if i in indices:
+                tokens = x[:, self.num_prefix_tokens:]  # (B, L, D)
+                out.append(tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid_size, self.grid_size))
+            if i >= max(indices):
+                break
+        return out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def hparams(self) -> dict:
+        """Constructor arguments that rebuild this architecture (for checkpoints and export)."""
+        return dict(
+            img_size=self.patch_embed.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+            embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias, pos_embed=self.pos_embed_type, global_pool=self.global_pool,
+            num_classes=self.head.out_features if isinstance(self.head, nn.Linear) else 0, norm_eps=self.norm_eps,
+        )
+
+
+def _vit(defaults: dict):
+    def factory(**overrides) -> VisionTransformer:
+        return VisionTransformer(**{**defaults, **overrides})
+
+    factory.accepted_kwargs = [  # what `check_kwargs` validates config overrides against
+        "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+        "pos_embed", "global_pool", "num_classes", "drop_path_rate", "norm_eps", "attn_backend",
+    ]
+    return factory
+
+
+# name: (patch, dim, depth, heads). `test` is a CI-sized model; the rest are the DeiT/ViT paper sizes.
+_SIZES = {
+    "vit_test_patch4": (4, 32, 2, 2),
+    "vit_tiny_patch16": (16, 192, 12, 3),
+    "vit_small_patch16": (16, 384, 12, 6),
+    "vit_base_patch16": (16, 768, 12, 12),
+    "vit_large_patch16": (16, 1024, 24, 16),
+    "vit_huge_patch14": (14, 1280, 32, 16),
+}
+for _name, (_p, _d, _n, _h) in _SIZES.items():
+    _img = 32 if _p == 4 else 224
+    MODELS.register(_name)(_vit(dict(img_size=_img, patch_size=_p, embed_dim=_d, depth=_n, num_heads=_h)))

@@ -1,0 +1,203 @@
+"""Hugging Face twin of the ViT encoder and MAE decoder: the key map and both directions of conversion.
+
+Tessera                         transformers (ViTModel keys; ViTMAEForPreTraining prefixes them with "vit.")
+cls_token                       embeddings.cls_token
+pos_embed (buffer if sincos)    embeddings.position_embeddings
+patch_embed.proj.{w,b}          embeddings.patch_embeddings.projection.{w,b}
+blocks.i.norm1                  encoder.layer.i.layernorm_before
+blocks.i.attn.qkv (fused)       encoder.layer.i.attention.attention.{query,key,value} (split on dim 0)
+blocks.i.attn.proj              encoder.layer.i.attention.output.dense
+blocks.i.norm2                  encoder.layer.i.layernorm_after
+blocks.i.mlp.fc1 / fc2          encoder.layer.i.intermediate.dense / output.dense
+norm                            layernorm
+head                            classifier (ViTForImageClassification)
+MAE decoder: decoder_embed, mask_token, pos_embed, blocks.i.*, norm, pred ->
+             decoder.decoder_embed, decoder.mask_token, decoder.decoder_pos_embed,
+             decoder.decoder_layers.i.* (as above), decoder.decoder_norm, decoder.decoder_pred
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.layers import sincos_pos_embed_2d
+from models.mae import MAEDecoder
+from models.vit import VisionTransformer
+from ops.compat import import_transformers
+
+# (tessera suffix inside a block, hf suffix inside a layer); "qkv" is split into three
+BLOCK_KEYS = [
+    ("norm1", "layernorm_before"),
+    ("attn.proj", "attention.output.dense"),
+    ("norm2", "layernorm_after"),
+    ("mlp.fc1", "intermediate.dense"),
+    ("mlp.fc2", "output.dense"),
+]
+QKV_HF = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+
+
+def _blocks_to_hf(sd: dict, src: str, dst: str, depth: int) -> dict:
+    out = {}
+    for i in range(depth):
+        a, b = f"{src}{i}.", f"{dst}{i}."
+        for t, h in BLOCK_KEYS:
+            for w in ("weight", "bias"):
+                out[f"{b}{h}.{w}"] = sd[f"{a}{t}.{w}"]
+        for w in ("weight", "bias"):
+            for h, part in zip(QKV_HF, sd[f"{a}attn.qkv.{w}"].chunk(3, dim=0)):
+                out[f"{b}{h}.{w}"] = part
+    return out
+
+
+def _blocks_from_hf(hf: dict, src: str, dst: str, depth: int) -> dict:
+    out = {}
+    for i in range(depth):
+        a, b = f"{src}{i}.", f"{dst}{i}."
+        for t, h in BLOCK_KEYS:
+            for w in ("weight", "bias"):
+                out[f"{b}{t}.{w}"] = hf[f"{a}{h}.{w}"]
+        for w in ("weight", "bias"):
+            out[f"{b}attn.qkv.{w}"] = torch.cat([hf[f"{a}{h}.{w}"] for h in QKV_HF], dim=0)
+    return out
+
+
+def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.Tensor]:
+    """ViTModel-layout state dict of the encoder (keys prefixed with `prefix`, e.g. 'vit.')."""
+    sd = {k: v.detach().float().cpu() for k, v in vit.state_dict().items()}
+    out = {
+        "embeddings.cls_token": sd["cls_token"],
+        "embeddings.position_embeddings": vit.pos_embed.detach().float().cpu().clone(),
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "layernorm.weight": sd["norm.weight"],
+        "layernorm.bias": sd["norm.bias"],
+        **_blocks_to_hf(sd, "blocks.", "encoder.layer.", len(vit.blocks)),
+    }
+    return {prefix + k: v.contiguous() for k, v in out.items()}
+
+
+def encoder_from_hf(hf: dict, cfg, prefix: str = "") -> VisionTransformer:
+    """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`)."""
+    hf = {k[len(prefix):]: v for k, v in hf.items() if k.startswith(prefix)}
+    pos = hf["embeddings.position_embeddings"]
+    grid = cfg.image_size // cfg.patch_size
+    fixed = torch.equal(pos[0], sincos_pos_embed_2d(cfg.hidden_size, grid)) if cfg.hidden_size % 4 == 0 else False
+    vit = VisionTransformer(
+        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.num_channels,
+        embed_dim=cfg.hidden_size, depth=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+        mlp_ratio=cfg.intermediate_size / cfg.hidden_size, qkv_bias=cfg.qkv_bias,
+        pos_embed="sincos" if fixed else "learned", norm_eps=cfg.layer_norm_eps,
+        num_classes=len(getattr(cfg, "id2label", {}) or {}) if "classifier.weight" in hf else 0,
+    )
+    sd = {
+        "cls_token": hf["embeddings.cls_token"],
+        "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": hf["layernorm.weight"],
+        "norm.bias": hf["layernorm.bias"],
+        **_blocks_from_hf(hf, "encoder.layer.", "blocks.", cfg.num_hidden_layers),
+    }
+    if not fixed:
+        sd["pos_embed"] = pos
+    if "classifier.weight" in hf:
+        sd["head.weight"], sd["head.bias"] = hf["classifier.weight"], hf["classifier.bias"]
+    vit.load_state_dict(sd, strict=True)
+    return vit
+
+
+def _check_hf_act(cfg) -> None:
+    if cfg.hidden_act != "gelu":
+        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (Tessera's ViT uses exact GELU)")
+
+
+def _common(vit: VisionTransformer) -> dict:
+    return dict(
+        hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks), num_attention_heads=vit.num_heads,
+        intermediate_size=int(vit.embed_dim * vit.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, layer_norm_eps=vit.norm_eps, image_size=vit.patch_embed.img_size,
+        patch_size=vit.patch_size, num_channels=vit.in_chans, qkv_bias=vit.qkv_bias,
+    )
+
+
+def vit_to_hf(vit: VisionTransformer):
+    """(HF model with Tessera's weights loaded strictly): ViTModel, or ViTForImageClassification with a head."""
+    tf = import_transformers()
+    ViTConfig, ViTForImageClassification, ViTModel = tf.ViTConfig, tf.ViTForImageClassification, tf.ViTModel
+
+    n_cls = vit.head.out_features if isinstance(vit.head, torch.nn.Linear) else 0
+    cfg = ViTConfig(**_common(vit))
+    if n_cls:
+        if vit.global_pool != "token":
+            raise ValueError("ViTForImageClassification classifies the cls token; this model uses global_pool='avg'")
+        cfg.num_labels = n_cls
+        model = ViTForImageClassification(cfg)
+        sd = encoder_to_hf(vit, "vit.")
+        sd["classifier.weight"], sd["classifier.bias"] = vit.head.weight.detach(), vit.head.bias.detach()
+    else:
+        model = ViTModel(cfg, add_pooling_layer=False)
+        sd = encoder_to_hf(vit)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def mae_to_hf(vit: VisionTransformer, decoder: MAEDecoder, mask_ratio: float, norm_pix_loss: bool):
+    """ViTMAEForPreTraining holding the encoder and decoder weights."""
+    tf = import_transformers()
+    ViTMAEConfig, ViTMAEForPreTraining = tf.ViTMAEConfig, tf.ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(
+        **_common(vit), decoder_hidden_size=decoder.dim, decoder_num_hidden_layers=decoder.depth,
+        decoder_num_attention_heads=decoder.num_heads,
+        decoder_intermediate_size=int(decoder.dim * decoder.mlp_ratio),
+        mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
+    )
+    dsd = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
+    sd = encoder_to_hf(vit, "vit.")
+    sd.update({
+        "decoder.decoder_embed.weight": dsd["decoder_embed.weight"],
+        "decoder.decoder_embed.bias": dsd["decoder_embed.bias"],
+        "decoder.mask_token": dsd["mask_token"],
+        "decoder.decoder_pos_embed": decoder.pos_embed.detach().float().cpu().clone(),
+        "decoder.decoder_norm.weight": dsd["norm.weight"],
+        "decoder.decoder_norm.bias": dsd["norm.bias"],
+        "decoder.decoder_pred.weight": dsd["pred.weight"],
+        "decoder.decoder_pred.bias": dsd["pred.bias"],
+        **_blocks_to_hf(dsd, "blocks.", "decoder.decoder_layers.", decoder.depth),
+    })
+    model = ViTMAEForPreTraining(cfg)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def mae_from_hf(hf: dict, cfg) -> tuple[VisionTransformer, MAEDecoder]:
+    """Encoder and decoder from a ViTMAEForPreTraining config + state dict."""
+    _check_hf_act(cfg)
+    vit = encoder_from_hf(hf, cfg, prefix="vit.")
+    dec = MAEDecoder(
+        vit.num_patches, cfg.hidden_size, cfg.patch_size, cfg.num_channels, dim=cfg.decoder_hidden_size,
+        depth=cfg.decoder_num_hidden_layers, num_heads=cfg.decoder_num_attention_heads,
+        mlp_ratio=cfg.decoder_intermediate_size / cfg.decoder_hidden_size, norm_eps=cfg.layer_norm_eps,
+    )
+    sd = {
+        "decoder_embed.weight": hf["decoder.decoder_embed.weight"],
+        "decoder_embed.bias": hf["decoder.decoder_embed.bias"],
+        "mask_token": hf["decoder.mask_token"],
+        "norm.weight": hf["decoder.decoder_norm.weight"],
+        "norm.bias": hf["decoder.decoder_norm.bias"],
+        "pred.weight": hf["decoder.decoder_pred.weight"],
+        "pred.bias": hf["decoder.decoder_pred.bias"],
+        **_blocks_from_hf(hf, "decoder.decoder_layers.", "blocks.", cfg.decoder_num_hidden_layers),
+    }
+    dec.load_state_dict(sd, strict=True)
+    if not torch.equal(hf["decoder.decoder_pos_embed"], dec.pos_embed):
+        # transformers' own fresh init zeroes it; keep whatever the folder holds, still frozen
+        dec.register_buffer("pos_embed", hf["decoder.decoder_pos_embed"].clone(), persistent=True)
+    return vit, dec
+
+
+def vit_from_hf(hf: dict, cfg) -> VisionTransformer:
+    _check_hf_act(cfg)
+    prefix = "vit." if any(k.startswith("vit.") for k in hf) else ""
+    if "classifier.weight" in hf:
+        hf = {**hf, "vit.classifier.weight": hf["classifier.weight"], "vit.classifier.bias": hf["classifier.bias"]}
+    return encoder_from_hf(hf, cfg, prefix=prefix)

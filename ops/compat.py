@@ -1,0 +1,40 @@
+"""Make `import torchvision` survive on a CPU-only torch (transformers and streaming import it).
+
+The registry's torchvision wheel is built against CUDA torch: on the CPU torch its import dies with
+`RuntimeError: operator torchvision::nms does not exist`. Its pure-Python parts import fine once the two
+operator schemas its meta registrations refer to exist, so on a CPU-only torch we define them (with no kernel:
+torchvision's compiled ops stay unavailable, and Tessera never calls them). Nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+_NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+# The Library must stay alive: when it is garbage-collected, torch unregisters its definitions.
+_TORCHVISION_LIB: torch.library.Library | None = None
+
+
+def ensure_torchvision_importable() -> None:
+    """Define `torchvision::nms`/`qnms` on CPU-only torch, once, before torchvision's first import."""
+    global _TORCHVISION_LIB
+    if _TORCHVISION_LIB is not None or torch.version.cuda is not None or "torchvision" in sys.modules:
+        return
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        try:
+            lib.define(op + _NMS_SCHEMA)
+        except RuntimeError as err:  # a real torchvision build or another shim got there first
+            if "multiple times" not in str(err) and "already" not in str(err):
+                raise
+    _TORCHVISION_LIB = lib
+
+
+def import_transformers():
+    """The `transformers` module, importable on CPU-only torch."""
+    ensure_torchvision_importable()
+    import transformers
+
+    return transformers
