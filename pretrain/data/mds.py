@@ -1,0 +1,148 @@
+"""Raw dataset -> MDS shards (written atomically), and a check that a shard directory is whole.
+
+Shards are what every rank streams from; a half-written directory must never look like a dataset, so `convert`
+writes into `<out>.tmp-<pid>` and renames it into place only after `index.json` and `tessera.json` exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+from pretrain.data.compat import import_streaming
+from pretrain.data.sources import get_dataset
+
+log = logging.getLogger(__name__)
+
+# ~4 MB shards: Fashion-MNIST train (~60k PNGs of ~330 bytes) becomes several shards, so partitioning and
+# remote streaming are exercised even on the small sets.
+SHARD_SIZE_LIMIT = 4 << 20
+COLUMNS = {"image": "png", "label": "int"}
+META_NAME = "tessera.json"
+
+
+class ShardError(ValueError):
+    """A shard directory is missing, incomplete or corrupt; the message names the file and what is wrong."""
+
+
+def convert(
+    dataset_name: str,
+    split: str,
+    out_dir: str,
+    source: str | None = None,
+    max_samples: int | None = None,
+    size_limit: int = SHARD_SIZE_LIMIT,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write `dataset_name/split` as MDS shards into `out_dir`; returns the tessera.json metadata."""
+    info = get_dataset(dataset_name)
+    streaming = import_streaming()
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        what = "shards" if os.path.exists(os.path.join(out_dir, "index.json")) else "files but no index.json"
+        raise FileExistsError(f"{out_dir} already holds {what}; delete it or pass overwrite/--overwrite")
+
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an earlier, interrupted call
+    log.info("converting %s/%s -> %s (shards of <= %d bytes)", dataset_name, split, out_dir, size_limit)
+    count, labels = 0, set()
+    mode = "L" if info.channels == 1 else "RGB"
+    try:
+        with streaming.MDSWriter(out=tmp, columns=COLUMNS, size_limit=size_limit) as writer:
+            for sample in info.samples(split, source, max_samples):
+                writer.write({"image": sample["image"].convert(mode), "label": int(sample["label"])})
+                labels.add(int(sample["label"]))
+                count += 1
+        if count == 0:
+            raise ValueError(f"{dataset_name}/{split} produced no samples")
+        meta = {
+            "dataset": dataset_name,
+            "split": split,
+            "count": count,
+            "available": info.count(split, source),
+            "max_samples": max_samples,
+            "channels": info.channels,
+            "num_classes": max(labels) + 1,
+            "classes": info.class_names(split, source),
+            "source": os.path.abspath(source) if source else None,
+        }
+        with open(os.path.join(tmp, META_NAME), "w") as f:
+            json.dump(meta, f, indent=2)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d samples of %s/%s to %s", count, dataset_name, split, out_dir)
+    return meta
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+    """rename() is atomic within a filesystem: readers see either no index.json or the complete dataset."""
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):  # overwrite: swap the old one out first
+        old = f"{out_dir}.old-{os.getpid()}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty directory: rename() onto it works on POSIX, not everywhere else
+        os.rename(tmp, out_dir)
+
+
+def read_meta(shard_dir: str) -> dict[str, Any] | None:
+    """tessera.json next to index.json, or None for shards written by other tools."""
+    path = os.path.join(shard_dir, META_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ShardError(f"{path}: bad JSON ({err})") from err
+
+
+def validate_shards(shard_dir: str) -> dict[str, Any]:
+    """Check index.json and every shard it lists (present, exact byte size); returns the parsed index.
+
+    Cheap (stat calls only) so every run can afford it before training starts rather than failing mid-epoch.
+    """
+    index_path = os.path.join(shard_dir, "index.json")
+    if not os.path.isdir(shard_dir):
+        raise ShardError(f"{shard_dir}: shard directory does not exist")
+    if not os.path.exists(index_path):
+        raise ShardError(f"{index_path}: missing (not converted, or an interrupted conversion)")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        shards = index["shards"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ShardError(f"{index_path}: bad JSON or no 'shards' list ({err})") from err
+    if not shards:
+        raise ShardError(f"{index_path}: lists no shards")
+    for i, shard in enumerate(shards):
+        # A compressed shard may be present raw (already decompressed) or zipped; either copy will do.
+        candidates = [shard.get("raw_data")] + ([shard.get("zip_data")] if shard.get("compression") else [])
+        candidates = [c for c in candidates if c]
+        if not candidates:
+            raise ShardError(f"{index_path}: shard #{i} has no raw_data/zip_data entry")
+        present = [c for c in candidates if os.path.exists(os.path.join(shard_dir, c["basename"]))]
+        if not present:
+            raise ShardError(
+                f"{os.path.join(shard_dir, candidates[0]['basename'])}: missing shard file "
+                f"(listed in {index_path})"
+            )
+        path = os.path.join(shard_dir, present[0]["basename"])
+        expected, got = present[0]["bytes"], os.path.getsize(path)
+        if got != expected:
+            what = "truncated" if got < expected else "wrong size"
+            raise ShardError(f"{path}: {what}: expected {expected} bytes, got {got}")
+    read_meta(shard_dir)
+    return index
+
+
+def num_samples(index: dict[str, Any]) -> int:
+    return sum(int(s["samples"]) for s in index["shards"])
