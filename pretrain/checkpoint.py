@@ -1,0 +1,134 @@
+"""Atomic, exact checkpoints: engine state + step + samples seen + data-loader position + RNG + config.
+
+Layout under <run.output_dir>/checkpoints/:
+    step_00000100/            one complete checkpoint
+        engine/               the engine's own files (model + optimizer; sharded under ZeRO)
+        rank_state/rank_00000.pt   per-rank RNG states and data-loader state
+        config.yaml           the resolved config
+        meta.json             written last: step, samples seen, engine, world size
+    latest                    name of the newest complete checkpoint
+Every rank writes into step_XXXXXXXX.tmp/; only when all have finished does rank 0 write meta.json and rename
+the folder into place, then repoint `latest`. A crash mid-write leaves a .tmp folder that is never read (and
+is removed at the next start), so the previous checkpoint stays loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain.dist import DistContext
+from pretrain.engine import Engine
+
+log = logging.getLogger("tessera")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_complete(folder: Path) -> bool:
+    return folder.is_dir() and not folder.name.endswith(".tmp") and (folder / "meta.json").is_file()
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (a run's checkpoints/ folder), or None."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    done = sorted(p for p in root.glob("step_*") if is_complete(p))  # zero-padded names sort by step
+    return done[-1] if done else None
+
+
+def read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {folder} has no readable meta.json ({e})") from e
+
+
+class Checkpointer:
+    def __init__(self, root: Path, ctx: DistContext, keep_last: int):
+        self.root, self.ctx, self.keep_last = Path(root), ctx, keep_last
+        if ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.tmp"):  # left by a crash mid-write
+                log.warning("removing incomplete checkpoint %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        ctx.barrier()
+
+    def latest(self) -> Path | None:
+        return find_latest(self.root)
+
+    def save(self, step: int, engine: Engine, meta: dict, rank_state: dict, config_yaml: str) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f"step_{step:08d}.tmp"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rank_state").mkdir(parents=True)
+        self.ctx.barrier()
+        t0 = time.time()
+        engine.save(tmp / "engine")
+        torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.ctx.rank:05d}.pt")
+        self.ctx.barrier()  # every rank's files are on disk
+        if self.ctx.is_main:
+            (tmp / "config.yaml").write_text(config_yaml)
+            meta = {**meta, "step": step, "world_size": self.ctx.world_size, "saved_at": time.time()}
+            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            if final.exists():  # same step saved again (e.g. a stop right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / "latest", final.name + "\n")
+            self._prune()
+            log.info("checkpoint %s written in %.1fs", final, time.time() - t0)
+        self.ctx.barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if is_complete(p))
+        for old in done[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, folder: Path, engine: Engine) -> tuple[dict, dict]:
+        """Restore engine state into `engine`; return (meta, this rank's state) and restore RNG."""
+        meta = read_meta(folder)
+        if meta.get("world_size") != self.ctx.world_size:
+            raise RuntimeError(
+                f"checkpoint {folder} was written by {meta.get('world_size')} ranks and this run has "
+                f"{self.ctx.world_size}; resume with the same number of ranks"
+            )
+        engine.load(folder / "engine")
+        state = torch.load(folder / "rank_state" / f"rank_{self.ctx.rank:05d}.pt", weights_only=False)
+        set_rng_state(state.pop("rng"))
+        return meta, state

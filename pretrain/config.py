@@ -1,0 +1,289 @@
+"""The one typed config tree: dataclasses loaded from YAML, overridden with `--set a.b=value`.
+
+Unknown or mistyped keys fail before any work, naming the key and the nearest valid ones. The resolved
+tree is written into the run directory and into every checkpoint (`to_yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the offending key."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"  # metrics, TensorBoard, images and checkpoints go here
+    log_interval: int = 10  # steps between metrics.jsonl lines
+    image_interval: int = 100  # steps between objective visuals (e.g. MAE reconstructions); 0 = never
+    tensorboard: bool = True
+    progress: bool = True  # progress bar with ETA on rank 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16"  # a models registry name (python -m pretrain.train --list-models)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor overrides, checked against the model
+    grad_checkpointing: bool = False  # activation checkpointing of every block
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4  # peak learning rate (after warmup)
+    min_lr: float = 0.0  # floor of the cosine/linear decay
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.05  # not applied to biases, norms, tokens and position embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps of the whole run (sets the LR schedule)
+    micro_batch_size: int = 64  # samples per rank per forward
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    stop_at_step: int | None = None  # end this process after this step (checkpointed); the next launch resumes
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500  # steps between checkpoints (and one at the end)
+    keep_last: int = 2  # older checkpoints are deleted
+    resume: bool = True  # resume from the latest checkpoint in run.output_dir if there is one
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "torch"  # torch (DDP, the reference) | deepspeed
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    precision: str = "fp32"  # fp32 | bf16
+    offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory (ZeRO >= 1)
+    offload_params: bool = False  # DeepSpeed: parameters in CPU memory (ZeRO 3)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: Any = None  # the registered objective's own Config dataclass, chosen by `objective.name`
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> Config:
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.engine.backend in ("torch", "deepspeed"), "engine.backend", "must be 'torch' or 'deepspeed'")
+        need(self.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+        need(self.engine.precision in ("fp32", "bf16"), "engine.precision", "must be 'fp32' or 'bf16'")
+        need(self.engine.backend == "deepspeed" or self.engine.zero_stage == 0, "engine.zero_stage",
+             "ZeRO needs engine.backend=deepspeed")
+        need(not (self.engine.offload_optimizer or self.engine.offload_params) or self.engine.backend == "deepspeed",
+             "engine.offload_optimizer", "offload needs engine.backend=deepspeed")
+        need(not self.engine.offload_params or self.engine.zero_stage == 3, "engine.offload_params",
+             "parameter offload needs engine.zero_stage=3")
+        need(self.train.max_steps > 0, "train.max_steps", "must be > 0")
+        need(self.train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+        need(self.train.grad_accum_steps > 0, "train.grad_accum_steps", "must be > 0")
+        need(self.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        need(self.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
+        need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
+        need(self.run.log_interval > 0, "run.log_interval", "must be > 0")
+        need(self.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule",
+             "must be cosine, linear or constant")
+        need(len(self.optim.betas) == 2, "optim.betas", "must be two numbers")
+        need(0 <= self.optim.warmup_steps <= self.train.max_steps, "optim.warmup_steps",
+             "must be between 0 and train.max_steps")
+        try:
+            self.data.validate()
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("data.") else f"data: {e}") from e
+        from models import MODELS, check_kwargs  # model kwargs are checked against the model itself
+
+        try:
+            check_kwargs(MODELS.get(self.model.name), self.model.kwargs, "model.kwargs")
+        except KeyError as e:
+            raise ConfigError(f"model.name: {e.args[0]}") from e
+        except TypeError as e:
+            raise ConfigError(str(e)) from e
+        if hasattr(self.objective, "validate"):
+            self.objective.validate()
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        t = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            out += _all_keys(t, key + ".")
+    return out
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f" Nearest valid keys: {', '.join(near)}." if near else ""
+    return ConfigError(f"unknown config key {key!r}.{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            full = prefix + key
+            while isinstance(value, dict) and len(value) == 1:  # name the leaf the user wrote: trian.max_steps
+                (sub, value), = value.items()
+                full += f".{sub}"
+            raise _unknown(full, [prefix + k for k in _all_keys(cls)])
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _objective_config(data: dict | None, prefix: str = "objective"):
+    from pretrain.objectives import OBJECTIVES  # registry of objectives and their config classes
+
+    data = dict(data or {})
+    name = data.pop("name", None)
+    if name is None:
+        raise ConfigError(f"{prefix}.name: missing; registered objectives: {', '.join(OBJECTIVES.names())}")
+    try:
+        cls = OBJECTIVES.get(name).Config
+    except KeyError as e:
+        raise ConfigError(f"{prefix}.name: {e.args[0]}") from e
+    return _build(cls, data, prefix + ".")
+
+
+def set_key(tree: dict, dotted: str, value: Any) -> None:
+    """tree['a']['b'] = value for 'a.b', creating mappings on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.max_steps=100")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(tree: dict) -> Config:
+    tree = dict(tree or {})
+    objective = tree.pop("objective", None)
+    cfg = _build(Config, tree)
+    cfg.objective = _objective_config(objective)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file + `key=value` overrides -> validated Config. Raises ConfigError naming the key."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(tree, key, value)
+    return from_dict(tree).validate()
+
+
+def to_dict(cfg: Config) -> dict:
+    out = dataclasses.asdict(cfg)
+    from pretrain.objectives import objective_name
+
+    out["objective"] = {"name": objective_name(cfg.objective), **dataclasses.asdict(cfg.objective)}
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,82 @@
+"""MAE objective: mask most patches, encode the rest, reconstruct the masked pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from models.mae import MAEDecoder, mae_loss, patchify, random_masking, unpatchify
+from pretrain.objectives import OBJECTIVES
+
+
+@dataclass
+class MAEConfig:
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    norm_pix_loss: bool = True  # regress per-patch normalized pixels
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    decoder_mlp_ratio: float = 4.0
+
+    def validate(self) -> None:
+        from pretrain.config import ConfigError
+
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio: must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError("objective.decoder_dim: must be divisible by objective.decoder_heads")
+        if self.decoder_dim % 4:
+            raise ConfigError("objective.decoder_dim: must be divisible by 4 (2-D sin-cos position embedding)")
+
+
+@OBJECTIVES.register("mae")
+class MAE(nn.Module):
+    Config = MAEConfig
+
+    def __init__(self, backbone: nn.Module, cfg: MAEConfig):
+        super().__init__()
+        if not (hasattr(backbone, "num_patches") and hasattr(backbone, "patch_size")):
+            raise ValueError(
+                f"MAE needs a ViT-style backbone that encodes a subset of patch tokens (ids_keep); "
+                f"{type(backbone).__name__} is not one"
+            )
+        self.cfg = cfg
+        self.backbone = backbone
+        self.decoder = MAEDecoder(
+            backbone.num_patches, backbone.num_features, backbone.patch_size, backbone.in_chans,
+            dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
+            mlp_ratio=cfg.decoder_mlp_ratio, norm_eps=backbone.norm_eps,
+        )
+
+    def forward(self, batch: dict, noise: torch.Tensor | None = None) -> dict:
+        images = batch["image"]  # (B, C, H, W)
+        B, L = images.shape[0], self.backbone.num_patches
+        if noise is None:
+            noise = torch.rand(B, L, device=images.device)  # global RNG, seeded per step by the loop
+        ids_keep, mask, ids_restore = random_masking(noise, self.cfg.mask_ratio)
+        latent = self.backbone.forward_features(images, ids_keep=ids_keep)  # (B, 1 + K, D)
+        pred = self.decoder(latent, ids_restore)  # (B, L, p*p*C)
+        target = patchify(images, self.backbone.patch_size)
+        loss = mae_loss(pred, target, mask, self.cfg.norm_pix_loss)
+        return {"loss": loss, "pred": pred.detach(), "mask": mask}
+
+    @torch.no_grad()
+    def visuals(self, batch: dict, out: dict, n: int = 8) -> dict[str, torch.Tensor]:
+        """A grid, one row per image: original | masked input | reconstruction (visible patches pasted)."""
+        p, c = self.backbone.patch_size, self.backbone.in_chans
+        images = batch["image"][:n].float()
+        pred, mask = out["pred"][:n].float(), out["mask"][:n].float()
+        target = patchify(images, p)  # (n, L, p*p*C)
+        if self.cfg.norm_pix_loss:  # back to pixel space with each patch's own statistics
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+        m = mask.unsqueeze(-1)
+        masked = unpatchify(target * (1 - m), p, c)
+        recon = unpatchify(target * (1 - m) + pred * m, p, c)
+        lo = images.amin(dim=(1, 2, 3), keepdim=True)
+        hi = images.amax(dim=(1, 2, 3), keepdim=True)
+        panels = [((x - lo) / (hi - lo + 1e-6)).clamp(0, 1) for x in (images, masked, recon)]
+        rows = torch.cat(panels, dim=3)  # (n, C, H, 3W)
+        grid = torch.cat(list(rows), dim=1)  # (C, nH, 3W)
+        return {"mae/reconstruction": grid.expand(3, -1, -1) if c == 1 else grid}

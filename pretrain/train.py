@@ -1,0 +1,107 @@
+"""Tessera's one training entry point.
+
+    python -m pretrain.train CONFIG [--set key=value ...]
+    torchrun --nproc_per_node N -m pretrain.train CONFIG ...
+    accelerate launch --multi_gpu --num_processes N -m pretrain.train CONFIG ...
+    srun python -m pretrain.train CONFIG ...
+A run whose run.output_dir already holds a checkpoint resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from launch.accelerate import LaunchError, merge_overrides
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import Config, ConfigError, load_config, to_yaml
+from pretrain.dist import DistContext, init_distributed, shutdown
+from pretrain.logger import MetricsLogger, setup_logging
+from pretrain.loop import Progress, train_loop
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.split("\n")[1])
+    p.add_argument("config", help="YAML file in configs/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def check_resumable(folder: Path, cfg: Config) -> None:
+    """Refuse to resume into a different model or objective: the weights would not fit or would mean nothing."""
+    old = yaml.safe_load((folder / "config.yaml").read_text())
+    new = yaml.safe_load(to_yaml(cfg))
+    for section in ("model", "objective"):
+        if old.get(section) != new.get(section):
+            raise ConfigError(f"{section}: differs from checkpoint {folder} ({old.get(section)} there, "
+                              f"{new.get(section)} now); use a new run.output_dir to start over")
+
+
+def run(cfg: Config, ctx: DistContext, notes: list[str]) -> Progress:
+    from pretrain.build import build_model, count_params
+    from pretrain.data import build_train_loader, ensure_shards
+    from pretrain.engine import build_engine
+
+    log = setup_logging(ctx)
+    out = Path(cfg.run.output_dir)
+    config_yaml = to_yaml(cfg)
+    ckpt = Checkpointer(out / "checkpoints", ctx, cfg.checkpoint.keep_last)
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        check_resumable(latest, cfg)
+    if ctx.is_main:
+        (out / "config.yaml").write_text(config_yaml)
+    ensure_shards(cfg.data, ctx)
+    engine = build_engine(build_model(cfg), cfg, ctx)
+    log.info("world_size=%d launcher=%s device=%s engine=%s", ctx.world_size, ctx.launcher, ctx.device,
+             engine.describe())
+    log.info("model %s + objective %s: %.2fM parameters; %d samples per step; output %s", cfg.model.name,
+             type(engine.module).__name__, count_params(engine.module) / 1e6,
+             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size, out)
+    for note in notes:
+        log.info("set by the launcher: %s", note)
+    loader = build_train_loader(cfg.data, ctx, cfg.train.micro_batch_size, cfg.seed)
+    progress = Progress()
+    if latest is not None:
+        meta, state = ckpt.load(latest, engine)
+        loader.load_state_dict(state["loader"])
+        progress = Progress(step=meta["step"], samples_seen=meta["samples_seen"])
+        log.info("resumed from %s at step %d (%d samples seen)", latest, progress.step, progress.samples_seen)
+    logger = MetricsLogger(out, ctx, cfg.run.tensorboard, resume_step=progress.step)
+    try:
+        progress = train_loop(cfg, ctx, engine, loader, logger, ckpt, progress, config_yaml)
+    finally:
+        logger.close()
+        loader.close()
+    log.info("stopped at step %d of %d; checkpoint %s", progress.step, cfg.train.max_steps, ckpt.latest())
+    return progress
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        overrides, notes = merge_overrides(args.set)
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    ctx = init_distributed(force_process_group=cfg.engine.backend == "deepspeed")
+    try:
+        run(cfg, ctx, notes)
+    except ConfigError as e:  # found only once the run directory is read (e.g. resuming another model)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
