@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     ctx = init_distributed(force_process_group=cfg.engine.backend == "deepspeed")
+    from pretrain.data import ShardError, SourceError
+
     try:
         run(cfg, ctx, notes)
-    except ConfigError as e:  # found only once the run directory is read (e.g. resuming another model)
+    except (ConfigError, ShardError, SourceError) as e:  # bad input found once files are read
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -65,6 +65,8 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, ctx: DistContext):
         ds = _import_deepspeed()
         self.cfg, self.ctx = cfg, ctx
+        for key, value in (("RANK", ctx.rank), ("LOCAL_RANK", ctx.local_rank), ("WORLD_SIZE", ctx.world_size)):
+            os.environ.setdefault(key, str(value))  # DeepSpeed reads them even for a single `python -m` process
         ds.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         o = cfg.optim
         groups = param_groups(model, o.weight_decay)

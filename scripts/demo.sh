@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The demo, in one command: set up, pretrain MAE on real Fashion-MNIST images with 2 ranks through
+# `accelerate launch` on CPU, export to Hugging Face format, then linear-probe the pretrained encoder and a
+# random-init encoder of the same shape.   Extra arguments go to the trainer, e.g.
+#   bash scripts/demo.sh --set train.max_steps=100
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
+CONFIG=configs/mae_vit_demo_fmnist.yaml RUN=runs/demo OUT=out/demo_hf
+EXTRA=()
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  echo "[demo] Fashion-MNIST is not installed: training on sklearn digits instead"
+  EXTRA=(--set data.dataset=digits --set data.image_size=16 --set data.hflip=false --set train.micro_batch_size=64)
+fi
+rm -rf "$RUN" "$OUT"   # a fresh demo each time (a relaunch of the same command would resume instead)
+
+accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  -m pretrain.train "$CONFIG" --set run.output_dir="$RUN" "${EXTRA[@]}" "$@"
+python -m pretrain.export "$RUN" "$OUT"
+python -m pretrain.probe "$OUT" --json "$RUN/probe.json"
+echo "[demo] metrics: $RUN/metrics.jsonl  reconstructions: $RUN/images/  HF model: $OUT  (tensorboard --logdir $RUN/tensorboard)"
