@@ -167,9 +167,11 @@ def _vit(defaults: dict):
     return factory
 
 
-# name: (patch, dim, depth, heads). `test` is a CI-sized model; the rest are the DeiT/ViT paper sizes.
+# name: (patch, dim, depth, heads). `test` is CI-sized, `mini` trains on a CPU in minutes (the README demo);
+# the rest are the DeiT/ViT paper sizes.
 _SIZES = {
     "vit_test_patch4": (4, 32, 2, 2),
+    "vit_mini_patch4": (4, 128, 4, 4),
     "vit_tiny_patch16": (16, 192, 12, 3),
     "vit_small_patch16": (16, 384, 12, 6),
     "vit_base_patch16": (16, 768, 12, 12),

@@ -43,7 +43,7 @@ def check_resumable(folder: Path, cfg: Config) -> None:
 
 def run(cfg: Config, ctx: DistContext, notes: list[str]) -> Progress:
     from pretrain.build import build_model, count_params
-    from pretrain.data import build_train_loader, ensure_shards
+    from pretrain.data import build_train_loader
     from pretrain.engine import build_engine
 
     log = setup_logging(ctx)
@@ -55,28 +55,26 @@ def run(cfg: Config, ctx: DistContext, notes: list[str]) -> Progress:
         check_resumable(latest, cfg)
     if ctx.is_main:
         (out / "config.yaml").write_text(config_yaml)
-    ensure_shards(cfg.data, ctx)
-    engine = build_engine(build_model(cfg), cfg, ctx)
-    log.info("world_size=%d launcher=%s device=%s engine=%s", ctx.world_size, ctx.launcher, ctx.device,
-             engine.describe())
-    log.info("model %s + objective %s: %.2fM parameters; %d samples per step; output %s", cfg.model.name,
-             type(engine.module).__name__, count_params(engine.module) / 1e6,
-             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size, out)
-    for note in notes:
-        log.info("set by the launcher: %s", note)
-    loader = build_train_loader(cfg.data, ctx, cfg.train.micro_batch_size, cfg.seed)
-    progress = Progress()
-    if latest is not None:
-        meta, state = ckpt.load(latest, engine)
-        loader.load_state_dict(state["loader"])
-        progress = Progress(step=meta["step"], samples_seen=meta["samples_seen"])
-        log.info("resumed from %s at step %d (%d samples seen)", latest, progress.step, progress.samples_seen)
-    logger = MetricsLogger(out, ctx, cfg.run.tensorboard, resume_step=progress.step)
-    try:
-        progress = train_loop(cfg, ctx, engine, loader, logger, ckpt, progress, config_yaml)
-    finally:
-        logger.close()
-        loader.close()
+    with build_train_loader(cfg.data, ctx, cfg.train.micro_batch_size, cfg.seed) as loader:  # data errors first
+        engine = build_engine(build_model(cfg), cfg, ctx)
+        log.info("world_size=%d launcher=%s device=%s engine=%s", ctx.world_size, ctx.launcher, ctx.device,
+                 engine.describe())
+        log.info("model %s + objective %s: %.2fM parameters; %d samples per step; output %s", cfg.model.name,
+                 type(engine.module).__name__, count_params(engine.module) / 1e6,
+                 cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size, out)
+        for note in notes:
+            log.info("set by the launcher: %s", note)
+        progress = Progress()
+        if latest is not None:
+            meta, state = ckpt.load(latest, engine)
+            loader.load_state_dict(state["loader"])
+            progress = Progress(step=meta["step"], samples_seen=meta["samples_seen"])
+            log.info("resumed from %s at step %d (%d samples seen)", latest, progress.step, progress.samples_seen)
+        logger = MetricsLogger(out, ctx, cfg.run.tensorboard, resume_step=progress.step)
+        try:
+            progress = train_loop(cfg, ctx, engine, loader, logger, ckpt, progress, config_yaml)
+        finally:
+            logger.close()
     log.info("stopped at step %d of %d; checkpoint %s", progress.step, cfg.train.max_steps, ckpt.latest())
     return progress
 

@@ -24,7 +24,8 @@ class TorchEngine(Engine):
         self.wrapped = DDP(self.module) if ctx.distributed and ctx.world_size > 1 else self.module
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+            param_groups(self.module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+            fused=True,  # one kernel over all tensors: ~4x faster optimizer step on CPU (docs/benchmarks.md)
         )
         self.autocast_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -40,7 +41,7 @@ class TorchEngine(Engine):
 
     def train_step(self, micro_batches: list[dict], lr: float) -> StepResult:
         n = len(micro_batches)
-        outputs, total = [], 0.0
+        outputs, total = [], 0.0  # summed on device: one host sync per step, not per micro-batch
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
             sync = self.wrapped.no_sync() if isinstance(self.wrapped, DDP) and not last else contextlib.nullcontext()
@@ -48,7 +49,7 @@ class TorchEngine(Engine):
                 with self._autocast():
                     out = self.wrapped(to_device(batch, self.ctx.device))
                 (out["loss"] / n).backward()  # mean over micro-batches, as one big batch would give
-            total += out["loss"].item()
+            total = total + out["loss"].detach().float()
             outputs.append(out)
         clip = self.cfg.train.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
@@ -56,7 +57,7 @@ class TorchEngine(Engine):
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=total / n, outputs=outputs, grad_norm=grad_norm)
+        return StepResult(loss=float(total) / n, outputs=outputs, grad_norm=grad_norm)
 
     def save(self, folder: Path) -> None:
         if self.ctx.is_main:  # DDP keeps every rank identical: one copy is the whole state

@@ -75,7 +75,7 @@ class DeepSpeedEngine(Engine):
 
             optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
         self.config = ds_config(cfg)
         self.ds, self.optimizer, _, _ = ds.initialize(model=model, optimizer=optimizer, config=self.config)
         self.module = self.ds.module
@@ -93,16 +93,16 @@ class DeepSpeedEngine(Engine):
             raise ValueError("DeepSpeed steps exactly train.grad_accum_steps micro-batches per optimizer step")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        outputs, total = [], 0.0
+        outputs, total = [], 0.0  # summed on device: one host sync per step, not per micro-batch
         for batch in micro_batches:
             out = self.ds(to_device(batch, self.ctx.device, self.float_dtype))
             self.ds.backward(out["loss"])  # DeepSpeed divides by the accumulation steps itself
             self.ds.step()  # applies the update only at the accumulation boundary
-            total += out["loss"].item()
+            total = total + out["loss"].detach().float()
             outputs.append(out)
         norm = self.ds.get_global_grad_norm()
         norm = float(norm.item() if isinstance(norm, torch.Tensor) else (norm or 0.0))
-        return StepResult(loss=total / len(micro_batches), outputs=outputs, grad_norm=norm)
+        return StepResult(loss=float(total) / len(micro_batches), outputs=outputs, grad_norm=norm)
 
     def save(self, folder: Path) -> None:
         # every rank writes its own shard of parameters and optimizer state
