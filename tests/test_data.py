@@ -18,7 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pretrain.config import ConfigError
 from pretrain.data import (
+    DATASETS,
     DataConfig,
     ImageSource,
     ImageTransform,
@@ -42,7 +44,7 @@ from pretrain.data import (
     validate_shards,
 )
 from pretrain.data.__main__ import main as cli_main
-from pretrain.data.sources import _REGISTRY
+from pretrain.data.stream import TrainLoader
 from pretrain.dist import DistContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +76,9 @@ def test_registry_duplicate_and_unknown():
     with pytest.raises(KeyError) as err:
         get_dataset("imagenet_9000")
     assert "digits" in str(err.value) and "fashion_mnist" in str(err.value)
+    with pytest.raises(KeyError, match="Did you mean 'digits'"):
+        get_dataset("digit")
+    assert get_dataset("digits") is get_dataset("digits") and get_dataset("digits").name == "digits"
 
 
 @pytest.mark.parametrize(
@@ -93,13 +98,15 @@ def test_registry_duplicate_and_unknown():
 )
 def test_config_validate_names_field(kwargs, field):
     DataConfig().validate()
-    with pytest.raises(ValueError, match=f"^{field}:"):
+    with pytest.raises(ConfigError, match=rf"^data\.{field}:"):
         DataConfig(**kwargs).validate()
 
 
 def test_unknown_dataset_error_lists_registered():
-    with pytest.raises(ValueError, match="digits"):
+    with pytest.raises(ConfigError, match="digits"):
         DataConfig(dataset="nope").validate()
+    with pytest.raises(ConfigError, match=r"^data\.dataset: .*Did you mean 'digits'"):
+        DataConfig(dataset="digit").validate()
 
 
 def test_import_has_no_side_effects():
@@ -145,7 +152,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path):
         with pytest.raises(RuntimeError, match="disk on fire"):
             convert("_explodes_midway", "train", str(tmp_path / "out"), size_limit=1024)
     finally:
-        _REGISTRY.pop("_explodes_midway")
+        DATASETS._entries.pop("_explodes_midway")
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == []
 
@@ -194,6 +201,45 @@ def test_validate_shards_names_the_file(small_shards, tmp_path):
     with pytest.raises(ShardError, match="bad JSON") as err:
         validate_shards(str(corrupt))
     assert str(corrupt / "index.json") in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda s: s.pop("raw_data"), r"shards\[1\]: no 'raw_data'"),
+        (lambda s: s["raw_data"].pop("basename"), r"shards\[1\]: 'raw_data' has no 'basename'"),
+        (lambda s: s["raw_data"].pop("bytes"), r"shards\[1\]: 'raw_data.bytes' must be an integer"),
+        (lambda s: s["raw_data"].update(bytes="123"), r"shards\[1\]: 'raw_data.bytes' must be an integer"),
+        (lambda s: s["raw_data"].update(basename=7), r"shards\[1\]: 'raw_data' has no 'basename'"),
+        (lambda s: s.update(raw_data="shard.00001.mds"), r"shards\[1\]: 'raw_data' must be an object"),
+        (lambda s: s.pop("samples"), r"shards\[1\]: 'samples' must be an integer"),
+    ],
+)
+def test_validate_shards_malformed_entry(small_shards, tmp_path, edit, expected):
+    index = json.loads((small_shards / "index.json").read_text())
+    edit(index["shards"][1])
+    bad = tmp_path / "bad"
+    shutil.copytree(small_shards, bad)
+    (bad / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=expected) as err:
+        validate_shards(str(bad))
+    assert str(err.value).startswith(str(bad / "index.json"))
+    assert cli_main(["verify", str(bad)]) == 2  # one line on stderr, no traceback
+
+
+@pytest.mark.parametrize(
+    "index", [{"shards": {"0": {}}}, {"shards": 5}, {"shards": "shard.00000.mds"}, {"version": 2}, [1, 2]]
+)
+def test_validate_shards_needs_a_shards_list(small_shards, tmp_path, index):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_shards, bad)
+    (bad / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match="no 'shards' list") as err:
+        validate_shards(str(bad))
+    assert str(bad / "index.json") in str(err.value)
+    (bad / "index.json").write_text(json.dumps({"shards": [3]}))
+    with pytest.raises(ShardError, match=r"shards\[0\]: expected an object, got int"):
+        validate_shards(str(bad))
 
 
 def _write_image_folder(root: Path) -> None:
@@ -298,6 +344,32 @@ def test_loader_exact_resume_one_rank(tmp_path, num_workers):
             tail = _take(loader, total - k)
             assert loader.samples_seen == 8 * total
         assert _same(tail, ref[k:]), f"resume after {k} batches diverged"
+
+
+def test_loader_errors_name_the_config_key(tmp_path):
+    cfg = _digits_cfg(tmp_path)
+    with pytest.raises(ConfigError, match="^seed: .* got -1"):
+        build_train_loader(cfg, DistContext(), micro_batch_size=8, seed=-1)
+    with pytest.raises(ConfigError) as err:
+        build_train_loader(cfg, DistContext(), micro_batch_size=128, seed=0)
+    assert str(err.value) == (
+        f"train.micro_batch_size: 128 is more than the 100 samples each of the 1 ranks gets from {cfg.local}"
+    )
+    with build_train_loader(cfg, DistContext(), micro_batch_size=8, seed=0) as loader:
+        state = loader.state_dict()
+    for key, batch, seed, values in (("train.micro_batch_size", 16, 0, (8, 16)), ("seed", 8, 1, (0, 1))):
+        fresh = TrainLoader(dataset=None, loader=None, world_size=1, micro_batch_size=batch, seed=seed)
+        with pytest.raises(
+            ConfigError, match=rf"^{key}: .*saved with {values[0]}, this run has {values[1]};"
+        ):
+            fresh.load_state_dict(state)  # refused before the (absent) streaming loader is touched
+
+
+def test_ensure_shards_refuses_a_rank_without_process_group(tmp_path):
+    cfg = DataConfig(dataset="digits", local=str(tmp_path / "s"), max_samples=40)
+    with pytest.raises(RuntimeError, match="rank 1 of 2 has no process group"):
+        ensure_shards(cfg, DistContext(rank=1, world_size=2))
+    assert not (tmp_path / "s").exists()
 
 
 def test_augmentation_differs_across_epochs(tmp_path):
@@ -478,4 +550,5 @@ def test_cli(tmp_path, capsys):
     assert cli_main(["verify", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert cli_main(["convert", "nope"]) == 2
-    assert "registered" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data.dataset: unknown dataset 'nope'" in err and "digits" in err

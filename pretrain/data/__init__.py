@@ -9,8 +9,17 @@ from typing import Any
 from pretrain.data.compat import import_streaming
 from pretrain.data.config import DataConfig
 from pretrain.data.mds import ShardError, convert, read_meta, validate_shards
-from pretrain.data.sources import ImageSource, SourceError, get_dataset, list_datasets, register_dataset
-from pretrain.data.stream import TrainLoader, build_train_loader, ensure_shards, load_split, sample_seed
+from pretrain.data.prepare import ensure_shards
+from pretrain.data.sources import (
+    DATASETS,
+    ImageSource,
+    SourceError,
+    get_dataset,
+    list_datasets,
+    register_dataset,
+)
+from pretrain.data.split import load_split
+from pretrain.data.stream import TrainLoader, build_train_loader, sample_seed
 from pretrain.data.transforms import (
     ImageTransform,
     hflip,
@@ -21,6 +30,7 @@ from pretrain.data.transforms import (
 )
 
 __all__ = [
+    "DATASETS",
     "DataConfig",
     "ImageSource",
     "ImageStreamingDataset",

@@ -47,32 +47,42 @@ class DataConfig:
         return os.path.join("data", "shards", self.dataset, split)
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field, before any process forks or converts."""
-        from pretrain.data.sources import get_dataset, list_datasets
+        """Raise ConfigError whose message starts with the offending key (`data.<field>: ...`), before any
+        process forks or converts."""
+        from pretrain.data.sources import get_dataset
 
         try:
             info = get_dataset(self.dataset)
-        except KeyError:
-            raise ValueError(f"dataset: unknown {self.dataset!r}; registered: {list_datasets()}") from None
+        except KeyError as err:
+            raise config_error(f"data.dataset: {err.args[0]}") from None
         if info.needs_source and not self.source:
-            raise ValueError(f"source: dataset {self.dataset!r} needs a source folder of images")
+            raise config_error(f"data.source: dataset {self.dataset!r} needs a source folder of images")
         if info.splits is not None and self.split not in info.splits:
-            raise ValueError(f"split: {self.dataset!r} has splits {list(info.splits)}, not {self.split!r}")
+            raise config_error(
+                f"data.split: {self.dataset!r} has splits {list(info.splits)}, not {self.split!r}"
+            )
         if self.image_size <= 0:
-            raise ValueError(f"image_size: must be > 0, got {self.image_size}")
+            raise config_error(f"data.image_size: must be > 0, got {self.image_size}")
         if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ValueError(f"crop_scale_min: must be in (0, 1], got {self.crop_scale_min}")
+            raise config_error(f"data.crop_scale_min: must be in (0, 1], got {self.crop_scale_min}")
         if self.num_workers < 0:
-            raise ValueError(f"num_workers: must be >= 0, got {self.num_workers}")
+            raise config_error(f"data.num_workers: must be >= 0, got {self.num_workers}")
         if self.max_samples is not None and self.max_samples <= 0:
-            raise ValueError(f"max_samples: must be > 0 or None, got {self.max_samples}")
+            raise config_error(f"data.max_samples: must be > 0 or None, got {self.max_samples}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != info.channels:
-                raise ValueError(
-                    f"{name}: {self.dataset!r} has {info.channels} channel(s), got {list(value)}"
+                raise config_error(
+                    f"data.{name}: {self.dataset!r} has {info.channels} channel(s), got {list(value)}"
                 )
         if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std: every entry must be > 0, got {list(self.std)}")
+            raise config_error(f"data.std: every entry must be > 0, got {list(self.std)}")
         if self.remote and os.path.abspath(self.remote) == os.path.abspath(self.local_dir()):
-            raise ValueError("remote: must differ from local (local is the cache streamed into)")
+            raise config_error("data.remote: must differ from data.local (local is the cache streamed into)")
+
+
+def config_error(message: str) -> ValueError:
+    """pretrain.config.ConfigError(message); imported here, not at the top: pretrain.config imports this module."""
+    from pretrain.config import ConfigError
+
+    return ConfigError(message)

@@ -13,7 +13,7 @@ import shutil
 from typing import Any
 
 from pretrain.data.compat import import_streaming
-from pretrain.data.sources import get_dataset
+from pretrain.data.sources import SourceError, get_dataset
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def convert(
                 labels.add(int(sample["label"]))
                 count += 1
         if count == 0:
-            raise ValueError(f"{dataset_name}/{split} produced no samples")
+            raise SourceError(f"{dataset_name}/{split} produced no samples")
         meta = {
             "dataset": dataset_name,
             "split": split,
@@ -100,15 +100,49 @@ def read_meta(shard_dir: str) -> dict[str, Any] | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
         raise ShardError(f"{path}: bad JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ShardError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shard_files(shard: Any, where: str) -> list[dict[str, Any]]:
+    """The files one index.json entry describes (raw, plus zip when compressed), each with a basename and a
+    byte size; `where` names the entry in errors."""
+    if not isinstance(shard, dict):
+        raise ShardError(f"{where}: expected an object, got {type(shard).__name__}")
+    if not _is_count(shard.get("samples")):
+        raise ShardError(f"{where}: 'samples' must be an integer >= 0, got {shard.get('samples')!r}")
+    # A compressed shard may be present raw (already decompressed) or zipped; either copy will do.
+    keys = ["raw_data"] + (["zip_data"] if shard.get("compression") else [])
+    files = []
+    for key in keys:
+        entry = shard.get(key)
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise ShardError(f"{where}: '{key}' must be an object with 'basename' and 'bytes', got {entry!r}")
+        if not isinstance(entry.get("basename"), str) or not entry["basename"]:
+            raise ShardError(f"{where}: '{key}' has no 'basename' file name (got {entry.get('basename')!r})")
+        if not _is_count(entry.get("bytes")):
+            raise ShardError(f"{where}: '{key}.bytes' must be an integer >= 0, got {entry.get('bytes')!r}")
+        files.append(entry)
+    if not files:
+        raise ShardError(f"{where}: no 'raw_data' (or 'zip_data') entry")
+    return files
 
 
 def validate_shards(shard_dir: str) -> dict[str, Any]:
     """Check index.json and every shard it lists (present, exact byte size); returns the parsed index.
 
     Cheap (stat calls only) so every run can afford it before training starts rather than failing mid-epoch.
+    Anything wrong, including a malformed index.json, raises ShardError naming the file and the entry.
     """
     index_path = os.path.join(shard_dir, "index.json")
     if not os.path.isdir(shard_dir):
@@ -118,21 +152,19 @@ def validate_shards(shard_dir: str) -> dict[str, Any]:
     try:
         with open(index_path) as f:
             index = json.load(f)
-        shards = index["shards"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ShardError(f"{index_path}: bad JSON or no 'shards' list ({err})") from err
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise ShardError(f"{index_path}: bad JSON ({err})") from err
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        raise ShardError(f"{index_path}: no 'shards' list (got {type(shards).__name__})")
     if not shards:
         raise ShardError(f"{index_path}: lists no shards")
     for i, shard in enumerate(shards):
-        # A compressed shard may be present raw (already decompressed) or zipped; either copy will do.
-        candidates = [shard.get("raw_data")] + ([shard.get("zip_data")] if shard.get("compression") else [])
-        candidates = [c for c in candidates if c]
-        if not candidates:
-            raise ShardError(f"{index_path}: shard #{i} has no raw_data/zip_data entry")
-        present = [c for c in candidates if os.path.exists(os.path.join(shard_dir, c["basename"]))]
+        files = _shard_files(shard, f"{index_path}: shards[{i}]")
+        present = [c for c in files if os.path.exists(os.path.join(shard_dir, c["basename"]))]
         if not present:
             raise ShardError(
-                f"{os.path.join(shard_dir, candidates[0]['basename'])}: missing shard file "
+                f"{os.path.join(shard_dir, files[0]['basename'])}: missing shard file "
                 f"(listed in {index_path})"
             )
         path = os.path.join(shard_dir, present[0]["basename"])

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.registry import Registry
+
 Sample = dict[str, Any]  # {"image": PIL.Image (mode L or RGB), "label": int}
 
 
@@ -46,30 +48,28 @@ class ImageSource:
         return None
 
 
-_REGISTRY: dict[str, ImageSource] = {}
+# One instance per dataset: every get_dataset(name) returns the same object.
+DATASETS = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[type[ImageSource]], type[ImageSource]]:
-    """Class decorator: register an ImageSource under `name`; a duplicate name raises."""
+    """Class decorator: register an instance of an ImageSource under `name`; a duplicate name raises."""
 
     def wrap(cls: type[ImageSource]) -> type[ImageSource]:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset {name!r} is already registered ({type(_REGISTRY[name]).__name__})")
+        DATASETS.register(name)(cls())  # raises ValueError on a duplicate, before cls is touched
         cls.name = name
-        _REGISTRY[name] = cls()
         return cls
 
     return wrap
 
 
 def get_dataset(name: str) -> ImageSource:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown dataset {name!r}; registered: {list_datasets()}")
-    return _REGISTRY[name]
+    """The registered source; an unknown name raises KeyError listing the registered ones and the nearest."""
+    return DATASETS.get(name)
 
 
 def list_datasets() -> list[str]:
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

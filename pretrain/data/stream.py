@@ -1,8 +1,9 @@
-"""MDS shards -> per-rank batches that resume exactly, plus the plain in-order reader for linear probes.
+"""MDS shards -> per-rank training batches that resume exactly.
 
 streaming's StreamingDataset does the partitioning (disjoint per rank and worker, deterministic given
 `batch_size`) and the mid-epoch resume. This module adds the image decoding, augmentation that is a pure function
-of (run seed, epoch, sample index), an infinite multi-epoch iterator, and the shard preparation every rank waits on.
+of (run seed, epoch, sample index) and an infinite multi-epoch iterator. Shards are made ready first by
+`prepare.ensure_shards`; the plain in-order reader for probes is `split.load_split`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 import torch
 
 from pretrain.data.compat import import_streaming
-from pretrain.data.config import DataConfig
-from pretrain.data.mds import ShardError, convert, read_meta, validate_shards
+from pretrain.data.config import DataConfig, config_error
+from pretrain.data.prepare import ensure_shards
 from pretrain.data.sources import get_dataset
 from pretrain.data.transforms import ImageTransform
 from pretrain.dist import DistContext
@@ -88,79 +89,6 @@ def __getattr__(name: str) -> Any:
     if name == "ImageStreamingDataset":
         return _dataset_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------------------------------------- shard preparation
-
-
-def _check_meta(shard_dir: str, cfg: DataConfig, subset_ok: bool = False) -> None:
-    """Shards converted for another dataset, split or subset size must not be read silently as this one.
-
-    With cfg.max_samples None whatever the directory holds is used. subset_ok: the reader takes the first
-    cfg.max_samples itself, so shards holding more are fine; the train loader reads all, so sizes must match.
-    """
-    meta = read_meta(shard_dir)
-    if meta is None:
-        return  # shards from another tool: nothing to compare
-    want = {"dataset": cfg.dataset, "split": cfg.split, "max_samples": cfg.max_samples}
-    have = {k: meta.get(k) for k in want}
-    converted = have["max_samples"]
-    if cfg.max_samples is None or (subset_ok and (converted is None or converted >= cfg.max_samples)):
-        have["max_samples"] = cfg.max_samples
-    if have != want:
-        raise ShardError(
-            f"{os.path.join(shard_dir, 'tessera.json')}: shards hold {have} but the config asks for {want}; "
-            "point data.local/remote elsewhere or delete the directory"
-        )
-
-
-def _prepare(cfg: DataConfig, subset_ok: bool) -> str:
-    """Rank 0's part of ensure_shards: convert if needed, validate, return the directory to read."""
-    if cfg.remote:
-        if not os.path.exists(os.path.join(cfg.remote, "index.json")):
-            raise ShardError(
-                f"{cfg.remote}: no index.json; convert into it first with: python -m pretrain.data convert "
-                f"{cfg.dataset} --split {cfg.split} --out {cfg.remote}"
-                + (f" --source {cfg.source}" if cfg.source else "")
-                + (f" --max-samples {cfg.max_samples}" if cfg.max_samples else "")
-            )
-        validate_shards(cfg.remote)
-        _check_meta(cfg.remote, cfg, subset_ok)
-        return cfg.local_dir()
-    local = cfg.local_dir()
-    if not os.path.exists(os.path.join(local, "index.json")):
-        log.info("no shards at %s: converting %s/%s there (first use)", local, cfg.dataset, cfg.split)
-        convert(cfg.dataset, cfg.split, local, source=cfg.source, max_samples=cfg.max_samples)
-    validate_shards(local)
-    _check_meta(local, cfg, subset_ok)
-    return local
-
-
-def ensure_shards(cfg: DataConfig, ctx: DistContext, subset_ok: bool = False) -> str:
-    """Make sure shards exist and are whole before any rank streams them; returns the local dir to read.
-
-    Rank 0 converts and validates; the others wait in the broadcast of its outcome (a collective, so it is the
-    barrier), which carries rank 0's error too: a failed conversion raises on every rank instead of leaving
-    the others blocked forever. `local` must be visible to every rank (one node, or a shared filesystem);
-    multi-node jobs with node-local disks should set `remote`.
-    """
-    cfg.validate()
-    local, error = None, None
-    if ctx.is_main:
-        try:
-            local = _prepare(cfg, subset_ok)
-        except Exception as err:
-            error = f"{type(err).__name__}: {err}"
-            ctx.broadcast_object((None, error))
-            raise
-    local, error = ctx.broadcast_object((local, error))
-    if error is not None:
-        raise ShardError(f"rank 0 could not prepare the shards: {error}")
-    if not cfg.remote and not os.path.exists(os.path.join(local, "index.json")):
-        raise ShardError(
-            f"{local}: rank {ctx.rank} cannot see the shards rank 0 wrote (not a shared filesystem?)"
-        )
-    return local
 
 
 # ---------------------------------------------------------------------------------------------- train loader
@@ -290,10 +218,11 @@ class TrainLoader:
         """Resume; call before the first batch (streaming reads the resume point when an epoch starts)."""
         if self._it is not None or self._samples_seen:
             raise RuntimeError("load_state_dict must be called before the first batch")
-        for key in ("micro_batch_size", "seed"):
+        for key, config_key in (("micro_batch_size", "train.micro_batch_size"), ("seed", "seed")):
             if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"{key}: the state was saved with {state[key]}, this loader has {getattr(self, key)}"
+                raise config_error(
+                    f"{config_key}: the data-loader state was saved with {state[key]}, this run has "
+                    f"{getattr(self, key)}; resume with {config_key}={state[key]} or start a new run"
                 )
         if state["world_size"] != self.world_size:
             log.warning(
@@ -327,9 +256,9 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, ctx: DistContext, micro_batch_size: int, seed: int) -> TrainLoader:
     """Shards ready on every rank -> a resumable loader of `micro_batch_size` samples per rank, shuffled by `seed`."""
     if micro_batch_size <= 0:
-        raise ValueError(f"micro_batch_size: must be > 0, got {micro_batch_size}")
+        raise config_error(f"train.micro_batch_size: must be > 0, got {micro_batch_size}")
     if seed < 0:
-        raise ValueError(f"seed: streaming needs a non-negative shuffle seed, got {seed}")
+        raise config_error(f"seed: streaming needs a non-negative shuffle seed, got {seed}")
     local = ensure_shards(cfg, ctx)
     # streaming finds rank and world size in RANK/WORLD_SIZE/LOCAL_*: they must agree with the launch context.
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -371,54 +300,8 @@ def build_train_loader(cfg: DataConfig, ctx: DistContext, micro_batch_size: int,
     train_loader = TrainLoader(dataset, loader, ctx.world_size, micro_batch_size, seed)
     if train_loader.batches_per_epoch == 0:
         train_loader.close()
-        raise ValueError(
-            f"{local}: {len(dataset)} samples per rank is less than one batch of {micro_batch_size}"
+        raise config_error(
+            f"train.micro_batch_size: {micro_batch_size} is more than the {len(dataset)} samples each of the "
+            f"{ctx.world_size} ranks gets from {local}"
         )
     return train_loader
-
-
-# ---------------------------------------------------------------------------------------------- linear probes
-
-
-def load_split(
-    dataset: str,
-    split: str,
-    image_size: int,
-    max_samples: int | None = None,
-    local: str | None = None,
-    source: str | None = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split in shard order, no augmentation -> (images (N, C, S, S) normalized, labels (N,) int64).
-
-    For linear probes and small evals, in one process: reads the MDS shards directly (no shared memory, no
-    workers), converting them first if missing. Without `local`, the full split's default directory (what a
-    training run converts) is read when it exists, rather than converting a separate first-N subset.
-    """
-    if local is None and max_samples is not None:
-        full = DataConfig(dataset=dataset, split=split).local_dir()
-        local = full if os.path.exists(os.path.join(full, "index.json")) else None
-    cfg = DataConfig(
-        dataset=dataset,
-        split=split,
-        source=source,
-        local=local,
-        image_size=image_size,
-        max_samples=max_samples,
-        mean=mean,
-        std=std,
-        augment=False,
-    )
-    shard_dir = ensure_shards(cfg, DistContext(), subset_ok=True)
-    info = get_dataset(dataset)
-    transform = ImageTransform(image_size, tuple(mean or info.mean), tuple(std or info.std), augment=False)
-    mode = "L" if info.channels == 1 else "RGB"
-    reader = import_streaming().LocalDataset(shard_dir)
-    n = len(reader) if max_samples is None else min(len(reader), max_samples)
-    images, labels = [], []
-    for i in range(n):
-        sample = reader[i]
-        images.append(transform(sample["image"].convert(mode)))  # (C, S, S)
-        labels.append(int(sample["label"]))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
