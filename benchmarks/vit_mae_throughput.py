@@ -40,9 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU); default: torch's")
-    p.add_argument("--plain-adamw", action="store_true",
-                   help="torch's default (for-loop) AdamW for all, instead of AdamW(fused=True): Tessera's engines "
-                        "and HF Trainer on torch>=2.8 both use the fused one")
+    p.add_argument(
+        "--plain-adamw",
+        action="store_true",
+        help="torch's default (for-loop) AdamW for all, instead of AdamW(fused=True): Tessera's engines "
+        "and HF Trainer on torch>=2.8 both use the fused one",
+    )
     p.add_argument("--no-eager", action="store_true", help="skip transformers' eager-attention variant")
     return p.parse_args(argv)
 
@@ -79,8 +82,12 @@ def build(args: argparse.Namespace) -> list[Runner]:
     hf = mae_to_hf(mae.backbone, mae.decoder, cfg.mask_ratio, cfg.norm_pix_loss)
     runners = [
         Runner("tessera", mae.to(args.device), lambda x, n: mae({"image": x}, noise=n)["loss"], args),
-        Runner(f"hf_{hf.config._attn_implementation}", hf.to(args.device),
-               lambda x, n: hf(pixel_values=x, noise=n).loss, args),
+        Runner(
+            f"hf_{hf.config._attn_implementation}",
+            hf.to(args.device),
+            lambda x, n: hf(pixel_values=x, noise=n).loss,
+            args,
+        ),
     ]
     if not args.no_eager:
         tf = import_transformers()
@@ -128,25 +135,34 @@ def main(argv=None) -> None:
             loss.item()
             sync(args.device)
             r.times.append(time.perf_counter() - t0)
-        print(f"round {rnd + 1}/{args.rounds}: " + "  ".join(
-            f"{r.name} {args.batch * args.steps / r.times[-1]:.2f}/s" for r in runners), flush=True)
+        print(
+            f"round {rnd + 1}/{args.rounds}: "
+            + "  ".join(f"{r.name} {args.batch * args.steps / r.times[-1]:.2f}/s" for r in runners),
+            flush=True,
+        )
 
-    print(f"\ntorch {torch.__version__}, transformers {tf.__version__}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" ({os.cpu_count()} cores)")
-          + f", threads {torch.get_num_threads()}, precision {args.precision}"
-          + f", load average {os.getloadavg()[0]:.2f} (1 min, at the end)")
-    print(f"{args.model} MAE (decoder 512x8x16, mask 0.75, norm_pix), batch {args.batch}, "
-          f"{args.steps} steps x {args.rounds} rounds, warmup {args.warmup}, "
-          f"AdamW {'torch default' if args.plain_adamw else 'fused'}")
+    print(
+        f"\ntorch {torch.__version__}, transformers {tf.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" ({os.cpu_count()} cores)")
+        + f", threads {torch.get_num_threads()}, precision {args.precision}"
+        + f", load average {os.getloadavg()[0]:.2f} (1 min, at the end)"
+    )
+    print(
+        f"{args.model} MAE (decoder 512x8x16, mask 0.75, norm_pix), batch {args.batch}, "
+        f"{args.steps} steps x {args.rounds} rounds, warmup {args.warmup}, "
+        f"AdamW {'torch default' if args.plain_adamw else 'fused'}"
+    )
     rate = {r.name: args.batch * args.steps / statistics.median(r.times) for r in runners}
     for name, v in rate.items():
         print(f"  {name:<10} {v:8.2f} samples/s  ({1000 * args.batch / v:7.0f} ms/step, median)")
     for i, r in enumerate(runners[1:]):  # runners[1]: transformers' default attention (sdpa), the headline
         per_round = sorted(t / t0 for t, t0 in zip(r.times, runners[0].times))  # same round, adjacent in time
         tag = "  (headline)" if i == 0 else ""
-        print(f"  ratio tessera / {r.name}: {rate['tessera'] / rate[r.name]:.3f}{tag}"
-              f"   per round: median {statistics.median(per_round):.3f}, "
-              f"range {per_round[0]:.3f}-{per_round[-1]:.3f}")
+        print(
+            f"  ratio tessera / {r.name}: {rate['tessera'] / rate[r.name]:.3f}{tag}"
+            f"   per round: median {statistics.median(per_round):.3f}, "
+            f"range {per_round[0]:.3f}-{per_round[-1]:.3f}"
+        )
 
 
 if __name__ == "__main__":

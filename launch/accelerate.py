@@ -18,38 +18,84 @@ def _true(value: str | None) -> bool:
     return str(value).lower() in ("1", "true", "yes")
 
 
-def _parent_cmdline() -> str:
+def _parent_argv() -> list[str] | None:
+    """The launching process's argv (accelerate's own flags), or None where /proc cannot tell."""
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
-        return ""
+        return None
+    # [python, accelerate, launch, FLAGS..., -m module | script.py, ARGS...] or [python, -m,
+    # accelerate.commands.launch, FLAGS..., ...]: keep FLAGS, stop at the training script's own arguments
+    for i in range(3, len(argv)):
+        if argv[i] == "-m" or argv[i].endswith(".py"):
+            return argv[:i]
+    return argv
 
 
-def accelerate_overrides(env: dict[str, str] | None = None) -> list[tuple[str, object, str]]:
+def _flag(argv: list[str], name: str) -> str | None:
+    """Value of `--name V` / `--name=V` in argv ('' for a bare switch), None when absent."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            return "" if nxt.startswith("-") else nxt
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+# accelerate features Tessera has no counterpart for: asked for, they are refused, never dropped
+UNSUPPORTED = {
+    "ACCELERATE_USE_FSDP": "--use_fsdp (use --use_deepspeed or engine.backend=torch)",
+    "ACCELERATE_USE_MEGATRON_LM": "--use_megatron_lm",
+    "ACCELERATE_USE_PARALLELISM_CONFIG": "a parallelism config",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "--zero3_init_flag (Tessera builds the model, then shards it)",
+    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "--zero3_save_16bit_model (use python -m pretrain.export)",
+    "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES": "--deepspeed_moe_layer_cls_names",
+}
+
+
+def accelerate_overrides(
+    env: dict[str, str] | None = None, parent_argv: list[str] | None = None
+) -> list[tuple[str, object, str]]:
     """[(config key, value, the accelerate flag that asked for it)]; raises LaunchError for what can't be done."""
     env = dict(os.environ if env is None else env)
     if not any(k.startswith("ACCELERATE_") for k in env):
         return []
     out: list[tuple[str, object, str]] = []
-    if _true(env.get("ACCELERATE_USE_CPU")) and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
-        # accelerate's --cpu path starts one process even when asked for several (it sets MASTER_ADDR only then)
-        raise LaunchError(
-            "`accelerate launch --cpu --num_processes N` started a single process here "
-            f"(parent: {_parent_cmdline() or 'accelerate'}). For N ranks on CPU use "
-            "`accelerate launch --multi_gpu --num_processes N ...` (Tessera runs it over gloo when there is no "
-            "GPU) or `torchrun --nproc_per_node N -m pretrain.train ...`."
-        )
+    argv = _parent_argv() if parent_argv is None else parent_argv
+    if _true(env.get("ACCELERATE_USE_CPU")) and "WORLD_SIZE" not in env:
+        # accelerate's --cpu path starts one process, whatever --num_processes says, and passes no DeepSpeed or
+        # FSDP settings at all: read what it was asked from its command line
+        asked = _flag(argv, "--num_processes") if argv is not None else None
+        several = (asked or "1").isdigit() and int(asked or "1") > 1
+        if several or (argv is None and "MASTER_ADDR" in env):  # it sets MASTER_ADDR only for N > 1
+            raise LaunchError(
+                f"`accelerate launch --cpu --num_processes {asked or 'N'}` started a single process here. For N "
+                "ranks on CPU use `accelerate launch --multi_gpu --num_processes N ...` (Tessera runs it over "
+                "gloo when there is no GPU) or `torchrun --nproc_per_node N -m pretrain.train ...`."
+            )
+        for flag in ("--use_deepspeed", "--use_fsdp", "--deepspeed_config_file", "--zero_stage"):
+            if argv is not None and _flag(argv, flag) is not None:
+                raise LaunchError(
+                    f"`accelerate launch --cpu {flag}` does not pass {flag} to the script; drop "
+                    "--cpu (Tessera uses the CPU when there is no GPU) or set engine.* with --set"
+                )
+    for var, what in UNSUPPORTED.items():
+        if _true(env.get(var)) or (var.endswith("CLS_NAMES") and env.get(var)):
+            raise LaunchError(f"accelerate {what} is not supported by Tessera; drop it")
     mp = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if mp == "bf16":
         out.append(("engine.precision", "bf16", "--mixed_precision bf16"))
     elif mp not in ("no", ""):
-        raise LaunchError(f"accelerate --mixed_precision {mp} is not supported; Tessera trains in fp32 or bf16")
+        raise LaunchError(
+            f"accelerate --mixed_precision {mp} is not supported; Tessera trains in fp32 or bf16"
+        )
     dynamo = env.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper()
     if dynamo not in ("NO", ""):
-        raise LaunchError(f"accelerate --dynamo_backend {dynamo.lower()} is not supported by Tessera; drop it")
-    if _true(env.get("ACCELERATE_USE_FSDP")):
-        raise LaunchError("accelerate --use_fsdp is not supported; use --use_deepspeed or engine.backend=torch")
+        raise LaunchError(
+            f"accelerate --dynamo_backend {dynamo.lower()} is not supported by Tessera; drop it"
+        )
     if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
         if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
             raise LaunchError(
@@ -67,8 +113,10 @@ def accelerate_overrides(env: dict[str, str] | None = None) -> list[tuple[str, o
         if env.get("ACCELERATE_GRADIENT_CLIPPING", "none") not in ("none", ""):
             clip = float(env["ACCELERATE_GRADIENT_CLIPPING"])
             out.append(("train.grad_clip", clip, f"--gradient_clipping {clip}"))
-        for var, key in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "engine.offload_optimizer"),
-                         ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "engine.offload_params")):
+        for var, key in (
+            ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "engine.offload_optimizer"),
+            ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "engine.offload_params"),
+        ):
             device = env.get(var, "none").lower()
             if device == "cpu":
                 out.append((key, True, f"--{var.split('DEEPSPEED_')[1].lower()} cpu"))
@@ -82,16 +130,15 @@ def merge_overrides(user: list[str], env: dict[str, str] | None = None) -> tuple
 
     Returns (overrides, notes) where notes say which settings came from accelerate.
     """
-    import yaml
+    from pretrain.config import parse_override
 
-    user_keys = {}
-    for text in user:
-        key, _, raw = text.partition("=")
-        user_keys[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    user_keys = dict(parse_override(text) for text in user)
     merged, notes = [], []
     for key, value, flag in accelerate_overrides(env):
         if key in user_keys and user_keys[key] != value:
-            raise LaunchError(f"accelerate launch {flag} conflicts with --set {key}={user_keys[key]}; pick one")
+            raise LaunchError(
+                f"accelerate launch {flag} conflicts with --set {key}={user_keys[key]}; pick one"
+            )
         merged.append(f"{key}={value}")
         notes.append(f"{key}={value} (from accelerate launch {flag})")
     return merged + list(user), notes

@@ -48,7 +48,9 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor
     return ids_shuffle[:, :keep], mask, ids_restore
 
 
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+def mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
+) -> torch.Tensor:
     """Mean squared error over masked patches; target patches normalized by their own mean/std if norm_pix."""
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
@@ -61,9 +63,19 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 class MAEDecoder(nn.Module):
     """Narrow transformer that fills masked positions with a shared token and predicts their pixels."""
 
-    def __init__(self, num_patches: int, encoder_dim: int, patch_size: int, in_chans: int,
-                 dim: int = 512, depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 norm_eps: float = 1e-6, attn_backend: str = "auto"):
+    def __init__(
+        self,
+        num_patches: int,
+        encoder_dim: int,
+        patch_size: int,
+        in_chans: int,
+        dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-6,
+        attn_backend: str = "auto",
+    ):
         super().__init__()
         grid = int(num_patches**0.5)
         if grid * grid != num_patches:

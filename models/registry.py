@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -41,19 +42,33 @@ class Registry:
 
 
 def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], where: str) -> None:
-    """Raise TypeError naming any key `fn` does not accept, with the nearest accepted names."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = getattr(fn, "accepted_kwargs", None)
-        if accepted is None:
-            return
-    else:
-        accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    for key in kwargs:
-        if key not in accepted:
-            near = difflib.get_close_matches(key, accepted, n=3, cutoff=0.5)
+    """Raise TypeError naming any key `fn` does not accept (with the nearest accepted names) or a value of
+    the wrong simple type. A factory that forwards to a class declares it as `fn.builds`."""
+    target = getattr(fn, "builds", fn)
+    init = target.__init__ if inspect.isclass(target) else target
+    params = {
+        n: p
+        for n, p in inspect.signature(init).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    try:
+        hints = typing.get_type_hints(init)
+    except (NameError, TypeError):
+        hints = {}
+    for key, value in kwargs.items():
+        if key not in params:
+            near = difflib.get_close_matches(key, params, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, near))}?" if near else ""
-            raise TypeError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(accepted))}")
+            raise TypeError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(params))}")
+        expected = hints.get(key)
+        ok = {
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+            bool: lambda v: isinstance(v, bool),
+            str: lambda v: isinstance(v, str),
+        }.get(expected)
+        if ok is not None and not ok(value):
+            raise TypeError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
 
 
 MODELS = Registry("model")

@@ -31,7 +31,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, L, D)
         if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"input is {tuple(x.shape[-2:])}, the model expects {self.img_size}x{self.img_size}")
+            raise ValueError(
+                f"input is {tuple(x.shape[-2:])}, the model expects {self.img_size}x{self.img_size}"
+            )
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -56,6 +58,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if pos_embed not in ("learned", "sincos"):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.embed_dim = self.num_features = embed_dim
@@ -73,9 +77,12 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos, persistent=False)  # (1, 1 + L, D), fixed
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        dpr = [
+            drop_path_rate * i / max(depth - 1, 1) for i in range(depth)
+        ]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_eps, attn_backend) for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_eps, attn_backend)
+            for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -100,7 +107,11 @@ class VisionTransformer(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
         """Regexes grouping parameters by depth (for layer-wise LR decay): stem, then one group per block."""
-        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": r"^blocks\.(\d+)", "head": r"^norm|^head"}
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": r"^blocks\.(\d+)",
+            "head": r"^norm|^head",
+        }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -127,17 +138,19 @@ class VisionTransformer(nn.Module):
         return self.norm(self.run_blocks(self.embed(images, ids_keep)))  # (B, 1 + K, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
+        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)  # (B, D)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, images: torch.Tensor, indices: list[int] | None = None) -> list[torch.Tensor]:
+    def forward_intermediates(
+        self, images: torch.Tensor, indices: list[int] | None = None
+    ) -> list[torch.Tensor]:
         """Spatial maps (B, D, H/p, W/p) after the blocks in `indices` (default: the last)."""
         indices = [len(self.blocks) - 1] if indices is None else [i % len(self.blocks) for i in indices]
         x, out = self.embed(images), []
         for i, blk in enumerate(self.blocks):
             x = self.run_blocks(x, [blk])
             if i in indices:
-                tokens = x[:, self.num_prefix_tokens:]  # (B, L, D)
+                tokens = x[:, self.num_prefix_tokens :]  # (B, L, D)
                 out.append(tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid_size, self.grid_size))
             if i >= max(indices):
                 break
@@ -149,10 +162,18 @@ class VisionTransformer(nn.Module):
     def hparams(self) -> dict:
         """Constructor arguments that rebuild this architecture (for checkpoints and export)."""
         return dict(
-            img_size=self.patch_embed.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
-            embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias, pos_embed=self.pos_embed_type, global_pool=self.global_pool,
-            num_classes=self.head.out_features if isinstance(self.head, nn.Linear) else 0, norm_eps=self.norm_eps,
+            img_size=self.patch_embed.img_size,
+            patch_size=self.patch_size,
+            in_chans=self.in_chans,
+            embed_dim=self.embed_dim,
+            depth=len(self.blocks),
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            pos_embed=self.pos_embed_type,
+            global_pool=self.global_pool,
+            num_classes=self.head.out_features if isinstance(self.head, nn.Linear) else 0,
+            norm_eps=self.norm_eps,
         )
 
 
@@ -160,10 +181,7 @@ def _vit(defaults: dict):
     def factory(**overrides) -> VisionTransformer:
         return VisionTransformer(**{**defaults, **overrides})
 
-    factory.accepted_kwargs = [  # what `check_kwargs` validates config overrides against
-        "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-        "pos_embed", "global_pool", "num_classes", "drop_path_rate", "norm_eps", "attn_backend",
-    ]
+    factory.builds = VisionTransformer  # what `check_kwargs` validates config overrides against
     return factory
 
 

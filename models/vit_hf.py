@@ -78,15 +78,23 @@ def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.T
 
 def encoder_from_hf(hf: dict, cfg, prefix: str = "") -> VisionTransformer:
     """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`)."""
-    hf = {k[len(prefix):]: v for k, v in hf.items() if k.startswith(prefix)}
+    hf = {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
     pos = hf["embeddings.position_embeddings"]
     grid = cfg.image_size // cfg.patch_size
-    fixed = torch.equal(pos[0], sincos_pos_embed_2d(cfg.hidden_size, grid)) if cfg.hidden_size % 4 == 0 else False
+    fixed = (
+        torch.equal(pos[0], sincos_pos_embed_2d(cfg.hidden_size, grid)) if cfg.hidden_size % 4 == 0 else False
+    )
     vit = VisionTransformer(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.num_channels,
-        embed_dim=cfg.hidden_size, depth=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-        mlp_ratio=cfg.intermediate_size / cfg.hidden_size, qkv_bias=cfg.qkv_bias,
-        pos_embed="sincos" if fixed else "learned", norm_eps=cfg.layer_norm_eps,
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.num_channels,
+        embed_dim=cfg.hidden_size,
+        depth=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+        qkv_bias=cfg.qkv_bias,
+        pos_embed="sincos" if fixed else "learned",
+        norm_eps=cfg.layer_norm_eps,
         num_classes=len(getattr(cfg, "id2label", {}) or {}) if "classifier.weight" in hf else 0,
     )
     sd = {
@@ -112,10 +120,18 @@ def _check_hf_act(cfg) -> None:
 
 def _common(vit: VisionTransformer) -> dict:
     return dict(
-        hidden_size=vit.embed_dim, num_hidden_layers=len(vit.blocks), num_attention_heads=vit.num_heads,
-        intermediate_size=int(vit.embed_dim * vit.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, layer_norm_eps=vit.norm_eps, image_size=vit.patch_embed.img_size,
-        patch_size=vit.patch_size, num_channels=vit.in_chans, qkv_bias=vit.qkv_bias,
+        hidden_size=vit.embed_dim,
+        num_hidden_layers=len(vit.blocks),
+        num_attention_heads=vit.num_heads,
+        intermediate_size=vit.blocks[0].mlp.fc1.out_features,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=vit.norm_eps,
+        image_size=vit.patch_embed.img_size,
+        patch_size=vit.patch_size,
+        num_channels=vit.in_chans,
+        qkv_bias=vit.qkv_bias,
     )
 
 
@@ -128,7 +144,9 @@ def vit_to_hf(vit: VisionTransformer):
     cfg = ViTConfig(**_common(vit))
     if n_cls:
         if vit.global_pool != "token":
-            raise ValueError("ViTForImageClassification classifies the cls token; this model uses global_pool='avg'")
+            raise ValueError(
+                "ViTForImageClassification classifies the cls token; this model uses global_pool='avg'"
+            )
         cfg.num_labels = n_cls
         model = ViTForImageClassification(cfg)
         sd = encoder_to_hf(vit, "vit.")
@@ -146,24 +164,29 @@ def mae_to_hf(vit: VisionTransformer, decoder: MAEDecoder, mask_ratio: float, no
     ViTMAEConfig, ViTMAEForPreTraining = tf.ViTMAEConfig, tf.ViTMAEForPreTraining
 
     cfg = ViTMAEConfig(
-        **_common(vit), decoder_hidden_size=decoder.dim, decoder_num_hidden_layers=decoder.depth,
+        **_common(vit),
+        decoder_hidden_size=decoder.dim,
+        decoder_num_hidden_layers=decoder.depth,
         decoder_num_attention_heads=decoder.num_heads,
-        decoder_intermediate_size=int(decoder.dim * decoder.mlp_ratio),
-        mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
+        decoder_intermediate_size=decoder.blocks[0].mlp.fc1.out_features,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=norm_pix_loss,
     )
     dsd = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
     sd = encoder_to_hf(vit, "vit.")
-    sd.update({
-        "decoder.decoder_embed.weight": dsd["decoder_embed.weight"],
-        "decoder.decoder_embed.bias": dsd["decoder_embed.bias"],
-        "decoder.mask_token": dsd["mask_token"],
-        "decoder.decoder_pos_embed": decoder.pos_embed.detach().float().cpu().clone(),
-        "decoder.decoder_norm.weight": dsd["norm.weight"],
-        "decoder.decoder_norm.bias": dsd["norm.bias"],
-        "decoder.decoder_pred.weight": dsd["pred.weight"],
-        "decoder.decoder_pred.bias": dsd["pred.bias"],
-        **_blocks_to_hf(dsd, "blocks.", "decoder.decoder_layers.", decoder.depth),
-    })
+    sd.update(
+        {
+            "decoder.decoder_embed.weight": dsd["decoder_embed.weight"],
+            "decoder.decoder_embed.bias": dsd["decoder_embed.bias"],
+            "decoder.mask_token": dsd["mask_token"],
+            "decoder.decoder_pos_embed": decoder.pos_embed.detach().float().cpu().clone(),
+            "decoder.decoder_norm.weight": dsd["norm.weight"],
+            "decoder.decoder_norm.bias": dsd["norm.bias"],
+            "decoder.decoder_pred.weight": dsd["pred.weight"],
+            "decoder.decoder_pred.bias": dsd["pred.bias"],
+            **_blocks_to_hf(dsd, "blocks.", "decoder.decoder_layers.", decoder.depth),
+        }
+    )
     model = ViTMAEForPreTraining(cfg)
     model.load_state_dict(sd, strict=True)
     return model.eval()
@@ -174,9 +197,15 @@ def mae_from_hf(hf: dict, cfg) -> tuple[VisionTransformer, MAEDecoder]:
     _check_hf_act(cfg)
     vit = encoder_from_hf(hf, cfg, prefix="vit.")
     dec = MAEDecoder(
-        vit.num_patches, cfg.hidden_size, cfg.patch_size, cfg.num_channels, dim=cfg.decoder_hidden_size,
-        depth=cfg.decoder_num_hidden_layers, num_heads=cfg.decoder_num_attention_heads,
-        mlp_ratio=cfg.decoder_intermediate_size / cfg.decoder_hidden_size, norm_eps=cfg.layer_norm_eps,
+        vit.num_patches,
+        cfg.hidden_size,
+        cfg.patch_size,
+        cfg.num_channels,
+        dim=cfg.decoder_hidden_size,
+        depth=cfg.decoder_num_hidden_layers,
+        num_heads=cfg.decoder_num_attention_heads,
+        mlp_ratio=cfg.decoder_intermediate_size / cfg.decoder_hidden_size,
+        norm_eps=cfg.layer_norm_eps,
     )
     sd = {
         "decoder_embed.weight": hf["decoder.decoder_embed.weight"],
@@ -199,5 +228,9 @@ def vit_from_hf(hf: dict, cfg) -> VisionTransformer:
     _check_hf_act(cfg)
     prefix = "vit." if any(k.startswith("vit.") for k in hf) else ""
     if "classifier.weight" in hf:
-        hf = {**hf, "vit.classifier.weight": hf["classifier.weight"], "vit.classifier.bias": hf["classifier.bias"]}
+        hf = {
+            **hf,
+            "vit.classifier.weight": hf["classifier.weight"],
+            "vit.classifier.bias": hf["classifier.bias"],
+        }
     return encoder_from_hf(hf, cfg, prefix=prefix)

@@ -99,18 +99,26 @@ def attention(
     if chosen == "flash":
         # flash-attn wants (B, N, H, hd)
         out = _flash_attn_func()(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            dropout_p=dropout_p, softmax_scale=scale, causal=is_causal,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=dropout_p,
+            softmax_scale=scale,
+            causal=is_causal,
         )
         return out.transpose(1, 2)
     if chosen == "reference":
         if dropout_p > 0:
             raise ValueError("the reference attention has no dropout; use backend 'sdpa'")
         return reference_attention(q, k, v, attn_mask, is_causal, scale)
-    if is_causal and attn_mask is not None:  # SDPA takes one or the other: fold causality into the mask
-        n, m = q.shape[-2], k.shape[-2]
+    n, m = q.shape[-2], k.shape[-2]
+    if is_causal and (attn_mask is not None or n != m):
+        # SDPA takes a mask or is_causal, not both, and aligns causality top-left when n != m; the reference
+        # and flash-attn align it bottom-right (the last query sees every key). Fold it into the mask.
         causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
-        if attn_mask.dtype == torch.bool:
+        if attn_mask is None:
+            attn_mask = causal
+        elif attn_mask.dtype == torch.bool:
             attn_mask = attn_mask & causal
         else:
             attn_mask = attn_mask.masked_fill(~causal, float("-inf"))

@@ -8,6 +8,9 @@ torchvision's compiled ops stay unavailable, and Tessera never calls them). Noth
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 import sys
 
 import torch
@@ -17,10 +20,27 @@ _NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
 _TORCHVISION_LIB: torch.library.Library | None = None
 
 
+def _torchvision_ops_load() -> bool:
+    """True when torchvision is absent or its compiled ops load on this torch (then it needs no help)."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        return True
+    libs = glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so"))
+    if not libs:
+        return False
+    try:
+        torch.ops.load_library(libs[0])  # a matching build registers its real ops here
+    except OSError:  # built against another torch (the registry's CUDA wheel on CPU torch)
+        return False
+    return True
+
+
 def ensure_torchvision_importable() -> None:
-    """Define `torchvision::nms`/`qnms` on CPU-only torch, once, before torchvision's first import."""
+    """Define `torchvision::nms`/`qnms`, once, before torchvision's first import, if its ops cannot load."""
     global _TORCHVISION_LIB
     if _TORCHVISION_LIB is not None or torch.version.cuda is not None or "torchvision" in sys.modules:
+        return
+    if _torchvision_ops_load():
         return
     lib = torch.library.Library("torchvision", "FRAGMENT")
     for op in ("nms", "qnms"):

@@ -25,4 +25,5 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    # under ZeRO-3 a rank holds an empty placeholder; DeepSpeed keeps the full size in ds_numel
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

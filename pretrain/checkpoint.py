@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from pretrain.config import ConfigError
 from pretrain.dist import DistContext
 from pretrain.engine import Engine
 
@@ -56,19 +58,45 @@ def set_rng_state(state: dict) -> None:
 
 
 def is_complete(folder: Path) -> bool:
-    return folder.is_dir() and not folder.name.endswith(".tmp") and (folder / "meta.json").is_file()
+    return folder.is_dir() and folder.suffix not in (".tmp", ".old") and (folder / "meta.json").is_file()
 
 
 def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (a run's checkpoints/ folder), or None."""
-    root = Path(root)
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
-            return candidate
-    done = sorted(p for p in root.glob("step_*") if is_complete(p))  # zero-padded names sort by step
+    """The newest complete checkpoint under `root` (a run's checkpoints/ folder), or None.
+
+    Found by scanning, not from the `latest` pointer (written for people and tools): a crash between the
+    rename and the pointer update must not hide the newest complete checkpoint.
+    """
+    done = sorted(p for p in Path(root).glob("step_*") if is_complete(p))  # zero-padded names sort by step
     return done[-1] if done else None
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, so a rename publishes whole files."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [*sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True), folder, folder.parent]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_resumable(folder: Path, config_yaml: str) -> None:
+    """Refuse to resume what cannot continue: another model or objective, or another engine layout."""
+    old, new = yaml.safe_load((Path(folder) / "config.yaml").read_text()), yaml.safe_load(config_yaml)
+    for key in ("model", "objective", "engine.backend", "engine.zero_stage", "engine.precision"):
+        a, b = old, new
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        if a != b:
+            raise ConfigError(
+                f"{key}: differs from checkpoint {folder} ({a} there, {b} now); resume with the "
+                "same value, or use a new run.output_dir to start over"
+            )
 
 
 def read_meta(folder: Path) -> dict:
@@ -83,7 +111,7 @@ class Checkpointer:
         self.root, self.ctx, self.keep_last = Path(root), ctx, keep_last
         if ctx.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step_*.tmp"):  # left by a crash mid-write
+            for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.old")]:  # a crash mid-write
                 log.warning("removing incomplete checkpoint %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
         ctx.barrier()
@@ -106,9 +134,15 @@ class Checkpointer:
             (tmp / "config.yaml").write_text(config_yaml)
             meta = {**meta, "step": step, "world_size": self.ctx.world_size, "saved_at": time.time()}
             _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-            if final.exists():  # same step saved again (e.g. a stop right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _fsync_tree(tmp)
+            if final.exists():  # same step saved again: move the old copy aside, never leave the step empty
+                old = final.with_name(final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
             _write_atomic(self.root / "latest", final.name + "\n")
             self._prune()
             log.info("checkpoint %s written in %.1fs", final, time.time() - t0)

@@ -34,7 +34,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_tiny_patch16"  # a models registry name (python -m pretrain.train --list-models)
+    name: str = "vit_tiny_patch16"  # a models registry name: models.list_models()
     kwargs: dict[str, Any] = field(default_factory=dict)  # constructor overrides, checked against the model
     grad_checkpointing: bool = False  # activation checkpointing of every block
 
@@ -56,14 +56,18 @@ class TrainConfig:
     micro_batch_size: int = 64  # samples per rank per forward
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    stop_at_step: int | None = None  # end this process after this step (checkpointed); the next launch resumes
+    stop_at_step: int | None = (
+        None  # end this process after this step (checkpointed); the next launch resumes
+    )
 
 
 @dataclass
 class CheckpointConfig:
     interval: int = 500  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # older checkpoints are deleted
-    resume: bool = True  # resume from the latest checkpoint in run.output_dir if there is one
+    resume: bool = (
+        True  # resume from the latest checkpoint in run.output_dir; false refuses a dir that has some
+    )
 
 
 @dataclass
@@ -92,15 +96,48 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key}: {msg}")
 
-        need(self.engine.backend in ("torch", "deepspeed"), "engine.backend", "must be 'torch' or 'deepspeed'")
+        need(
+            self.engine.backend in ("torch", "deepspeed"), "engine.backend", "must be 'torch' or 'deepspeed'"
+        )
         need(self.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
         need(self.engine.precision in ("fp32", "bf16"), "engine.precision", "must be 'fp32' or 'bf16'")
-        need(self.engine.backend == "deepspeed" or self.engine.zero_stage == 0, "engine.zero_stage",
-             "ZeRO needs engine.backend=deepspeed")
-        need(not (self.engine.offload_optimizer or self.engine.offload_params) or self.engine.backend == "deepspeed",
-             "engine.offload_optimizer", "offload needs engine.backend=deepspeed")
-        need(not self.engine.offload_params or self.engine.zero_stage == 3, "engine.offload_params",
-             "parameter offload needs engine.zero_stage=3")
+        need(
+            self.engine.backend == "deepspeed" or self.engine.zero_stage == 0,
+            "engine.zero_stage",
+            "ZeRO needs engine.backend=deepspeed",
+        )
+        need(
+            not (self.engine.offload_optimizer or self.engine.offload_params)
+            or self.engine.backend == "deepspeed",
+            "engine.offload_optimizer",
+            "offload needs engine.backend=deepspeed",
+        )
+        need(
+            not self.engine.offload_params or self.engine.zero_stage == 3,
+            "engine.offload_params",
+            "parameter offload needs engine.zero_stage=3",
+        )
+        need(
+            not self.engine.offload_optimizer or self.engine.zero_stage >= 1,
+            "engine.offload_optimizer",
+            "optimizer offload needs engine.zero_stage >= 1",
+        )
+        need(
+            not (
+                self.engine.backend == "deepspeed"
+                and self.engine.zero_stage == 0
+                and self.engine.precision == "bf16"
+            ),
+            "engine.zero_stage",
+            "DeepSpeed bf16 at stage 0 keeps its fp32 master weights where export cannot consolidate them; "
+            "use engine.zero_stage >= 1 (or engine.backend=torch)",
+        )
+        need(self.seed >= 0, "seed", "must be >= 0 (it seeds the data shuffle)")
+        need(
+            self.train.stop_at_step is None or self.train.stop_at_step >= 1,
+            "train.stop_at_step",
+            "must be >= 1 (or null)",
+        )
         need(self.train.max_steps > 0, "train.max_steps", "must be > 0")
         need(self.train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
         need(self.train.grad_accum_steps > 0, "train.grad_accum_steps", "must be > 0")
@@ -108,11 +145,17 @@ class Config:
         need(self.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
         need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
         need(self.run.log_interval > 0, "run.log_interval", "must be > 0")
-        need(self.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule",
-             "must be cosine, linear or constant")
+        need(
+            self.optim.schedule in ("cosine", "linear", "constant"),
+            "optim.schedule",
+            "must be cosine, linear or constant",
+        )
         need(len(self.optim.betas) == 2, "optim.betas", "must be two numbers")
-        need(0 <= self.optim.warmup_steps <= self.train.max_steps, "optim.warmup_steps",
-             "must be between 0 and train.max_steps")
+        need(
+            0 <= self.optim.warmup_steps <= self.train.max_steps,
+            "optim.warmup_steps",
+            "must be between 0 and train.max_steps",
+        )
         try:
             self.data.validate()
         except ValueError as e:
@@ -127,7 +170,24 @@ class Config:
             raise ConfigError(str(e)) from e
         if hasattr(self.objective, "validate"):
             self.objective.validate()
+        self._build_on_meta()
         return self
+
+    def _build_on_meta(self) -> None:
+        """Build model + objective with no memory (meta device): bad values and shapes fail here, before work."""
+        import torch
+
+        from pretrain.build import build_model
+
+        try:
+            with torch.device("meta"):
+                build_model(self)
+        except (TypeError, ValueError) as e:
+            keys = ", ".join(f"model.kwargs.{k}" for k in self.model.kwargs) or "model.name"
+            raise ConfigError(
+                f"model {self.model.name!r} cannot be built with data.image_size="
+                f"{self.data.image_size} and {keys}: {e}"
+            ) from e
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -210,8 +270,10 @@ def _build(cls: type, data: dict, prefix: str = ""):
     for key, value in data.items():
         if key not in names:
             full = prefix + key
-            while isinstance(value, dict) and len(value) == 1:  # name the leaf the user wrote: trian.max_steps
-                (sub, value), = value.items()
+            while (
+                isinstance(value, dict) and len(value) == 1
+            ):  # name the leaf the user wrote: trian.max_steps
+                ((sub, value),) = value.items()
                 full += f".{sub}"
             raise _unknown(full, [prefix + k for k in _all_keys(cls)])
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}

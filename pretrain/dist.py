@@ -31,7 +31,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        """More than one rank, joined in a process group (a world-size-1 group for DeepSpeed does not count)."""
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
     def barrier(self) -> None:
         if self.distributed:
@@ -45,12 +46,13 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def all_reduce_max(self, value: float) -> float:
+    def all_reduce_mean(self, value: float) -> float:
+        """Mean of a float over ranks (float64 on CPU: the same value on every rank, in any order)."""
         if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
 
 
 def _slurm_master_addr() -> str:
@@ -79,10 +81,15 @@ def _from_env(env: dict[str, str]) -> tuple[int, int, int, int, str]:
             int(env.get("LOCAL_WORLD_SIZE", world)),
             launcher,
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        world = int(env["SLURM_NTASKS"])
-        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-        local_world = int(per_node) if per_node.isdigit() else max(1, world // int(env.get("SLURM_NNODES", "1")))
+    # Only inside an `srun` step: the batch script itself also sees SLURM_PROCID=0 and SLURM_NTASKS, and a
+    # plain `python` there must not wait for ranks that will never start. srun sets SLURM_STEP_NUM_TASKS.
+    if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        world = int(env["SLURM_STEP_NUM_TASKS"])
+        per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE", "")).split("(")[
+            0
+        ]
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES", "1"))
+        local_world = int(per_node) if per_node.isdigit() else max(1, world // nodes)
         return int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), local_world, "slurm"
     return 0, 1, 0, 1, "python"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def to_hf(model: nn.Module, out_dir: str | Path) -> nn.Module:
     elif isinstance(model, VisionTransformer):
         hf = vit_to_hf(model)
     else:
-        raise TypeError(f"no Hugging Face export for {type(model).__name__}; exportable: MAE, VisionTransformer")
+        raise TypeError(
+            f"no Hugging Face export for {type(model).__name__}; exportable: MAE, VisionTransformer"
+        )
     hf.save_pretrained(out, safe_serialization=True)
     return hf
 
@@ -57,9 +60,14 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
     arch = (config.architectures or [""])[0]
     if arch == "ViTMAEForPreTraining":
         vit, decoder = mae_from_hf(sd, config)
-        cfg = MAEConfig(mask_ratio=config.mask_ratio, norm_pix_loss=config.norm_pix_loss, decoder_dim=decoder.dim,
-                        decoder_depth=decoder.depth, decoder_heads=decoder.num_heads,
-                        decoder_mlp_ratio=decoder.mlp_ratio)
+        cfg = MAEConfig(
+            mask_ratio=config.mask_ratio,
+            norm_pix_loss=config.norm_pix_loss,
+            decoder_dim=decoder.dim,
+            decoder_depth=decoder.depth,
+            decoder_heads=decoder.num_heads,
+            decoder_mlp_ratio=decoder.mlp_ratio,
+        )
         model = MAE(vit, cfg)
         model.decoder = decoder
         return model.eval()
@@ -92,16 +100,28 @@ def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
     state = consolidated_state_dict(str(folder / "engine"), meta["engine"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{folder}: checkpoint does not match its config (missing {missing}, "
-                           f"unexpected {unexpected})")
+        raise RuntimeError(
+            f"{folder}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})"
+        )
     return model.float().eval(), {**meta, "checkpoint": str(folder), "data": dataclasses.asdict(cfg.data)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.export", description="Export a checkpoint to HF format")
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.export", description="Export a checkpoint to HF format"
+    )
     p.add_argument("checkpoint", help="run directory (its latest checkpoint) or a checkpoint folder")
     p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")
     args = p.parse_args(argv)
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            print(
+                f"error: {out} is not empty (stale weights would mix in); pass --overwrite", file=sys.stderr
+            )
+            return 2
+        shutil.rmtree(out)
     try:
         model, meta = load_checkpoint_model(args.checkpoint)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -30,13 +30,17 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after `last_step` (a run that died after its last checkpoint logged steps it will redo)."""
     if not path.is_file():
         return
+    lines = path.read_text().splitlines()
     keep = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines):
         try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the last line, cut by a crash mid-write
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON; not rewriting this file") from None
+        if row.get("step", 0) <= last_step:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)

@@ -31,7 +31,9 @@ def features(encoder: VisionTransformer, images: torch.Tensor, batch: int = 256)
     return torch.cat(out)
 
 
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression, full-batch L-BFGS (deterministic: no sampling)."""
     w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True)
@@ -47,8 +49,9 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float)
     return w.detach(), b.detach()
 
 
-def logistic_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                      seed: int = 0) -> float:
+def logistic_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seed: int = 0
+) -> float:
     """Test accuracy of a logistic regression on standardized features; L2 picked on a held-out fifth."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
@@ -59,8 +62,10 @@ def logistic_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torc
     def acc(w, b, x, y) -> float:
         return float(((x @ w + b).argmax(1) == y).float().mean())
 
-    best = max((1e-4, 1e-3, 1e-2), key=lambda l2: acc(*_fit_logistic(train_x[fit], train_y[fit], k, l2),
-                                                      train_x[val], train_y[val]))
+    best = max(
+        (1e-4, 1e-3, 1e-2),
+        key=lambda l2: acc(*_fit_logistic(train_x[fit], train_y[fit], k, l2), train_x[val], train_y[val]),
+    )
     return acc(*_fit_logistic(train_x, train_y, k, best), test_x, test_y)
 
 
@@ -83,19 +88,24 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_dir = Path(args.hf_dir)
     meta = json.loads((hf_dir / "tessera.json").read_text()) if (hf_dir / "tessera.json").is_file() else {}
-    dataset = args.dataset or meta.get("data", {}).get("dataset", "fashion_mnist")
+    data = meta.get("data", {})  # the run's data section: the probe reads images the way training did
+    dataset = args.dataset or data.get("dataset", "fashion_mnist")
+    same = dataset == data.get("dataset")
+    norm = {k: data.get(k) if same else None for k in ("mean", "std", "source")}
     model = from_hf(hf_dir)
     encoder = model.backbone if hasattr(model, "backbone") else model
     size = encoder.patch_embed.img_size
     t0 = time.time()
-    train_x, train_y = load_split(dataset, "train", size, max_samples=args.train_samples)
-    test_x, test_y = load_split(dataset, "test", size, max_samples=args.test_samples)
+    train_x, train_y = load_split(dataset, "train", size, max_samples=args.train_samples, **norm)
+    test_x, test_y = load_split(dataset, "test", size, max_samples=args.test_samples, **norm)
     results = {"dataset": dataset, "train_samples": len(train_y), "test_samples": len(test_y)}
     for name, enc in (("pretrained", encoder), ("random_init", random_like(encoder))):
         acc = logistic_accuracy(features(enc, train_x), train_y, features(enc, test_x), test_y)
         results[name] = acc
-    print(f"linear probe on {dataset} ({len(train_y)} train / {len(test_y)} test images, "
-          f"{time.time() - t0:.0f}s):")
+    print(
+        f"linear probe on {dataset} ({len(train_y)} train / {len(test_y)} test images, "
+        f"{time.time() - t0:.0f}s):"
+    )
     print(f"  pretrained encoder  ({hf_dir}): accuracy {results['pretrained']:.4f}")
     print(f"  random-init encoder (same shape):  accuracy {results['random_init']:.4f}")
     if args.json:

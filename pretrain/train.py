@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from launch.accelerate import LaunchError, merge_overrides
-from pretrain.checkpoint import Checkpointer
+from pretrain.checkpoint import Checkpointer, check_resumable
 from pretrain.config import Config, ConfigError, load_config, to_yaml
 from pretrain.dist import DistContext, init_distributed, shutdown
 from pretrain.logger import MetricsLogger, setup_logging
@@ -31,16 +29,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_resumable(folder: Path, cfg: Config) -> None:
-    """Refuse to resume into a different model or objective: the weights would not fit or would mean nothing."""
-    old = yaml.safe_load((folder / "config.yaml").read_text())
-    new = yaml.safe_load(to_yaml(cfg))
-    for section in ("model", "objective"):
-        if old.get(section) != new.get(section):
-            raise ConfigError(f"{section}: differs from checkpoint {folder} ({old.get(section)} there, "
-                              f"{new.get(section)} now); use a new run.output_dir to start over")
-
-
 def run(cfg: Config, ctx: DistContext, notes: list[str]) -> Progress:
     from pretrain.build import build_model, count_params
     from pretrain.data import build_train_loader
@@ -50,18 +38,35 @@ def run(cfg: Config, ctx: DistContext, notes: list[str]) -> Progress:
     out = Path(cfg.run.output_dir)
     config_yaml = to_yaml(cfg)
     ckpt = Checkpointer(out / "checkpoints", ctx, cfg.checkpoint.keep_last)
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    latest = ctx.broadcast_object(ckpt.latest())  # rank 0 decides: every rank must load the same one
+    if latest is not None and not cfg.checkpoint.resume:
+        raise ConfigError(
+            f"checkpoint.resume: false, but {out} already holds checkpoints ({latest.name}); "
+            "use a new run.output_dir (nothing there was changed)"
+        )
     if latest is not None:
-        check_resumable(latest, cfg)
+        check_resumable(latest, config_yaml)
     if ctx.is_main:
         (out / "config.yaml").write_text(config_yaml)
-    with build_train_loader(cfg.data, ctx, cfg.train.micro_batch_size, cfg.seed) as loader:  # data errors first
+    with build_train_loader(
+        cfg.data, ctx, cfg.train.micro_batch_size, cfg.seed
+    ) as loader:  # data errors first
         engine = build_engine(build_model(cfg), cfg, ctx)
-        log.info("world_size=%d launcher=%s device=%s engine=%s", ctx.world_size, ctx.launcher, ctx.device,
-                 engine.describe())
-        log.info("model %s + objective %s: %.2fM parameters; %d samples per step; output %s", cfg.model.name,
-                 type(engine.module).__name__, count_params(engine.module) / 1e6,
-                 cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size, out)
+        log.info(
+            "world_size=%d launcher=%s device=%s engine=%s",
+            ctx.world_size,
+            ctx.launcher,
+            ctx.device,
+            engine.describe(),
+        )
+        log.info(
+            "model %s + objective %s: %.2fM parameters; %d samples per step; output %s",
+            cfg.model.name,
+            type(engine.module).__name__,
+            count_params(engine.module) / 1e6,
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size,
+            out,
+        )
         for note in notes:
             log.info("set by the launcher: %s", note)
         progress = Progress()
@@ -69,7 +74,9 @@ def run(cfg: Config, ctx: DistContext, notes: list[str]) -> Progress:
             meta, state = ckpt.load(latest, engine)
             loader.load_state_dict(state["loader"])
             progress = Progress(step=meta["step"], samples_seen=meta["samples_seen"])
-            log.info("resumed from %s at step %d (%d samples seen)", latest, progress.step, progress.samples_seen)
+            log.info(
+                "resumed from %s at step %d (%d samples seen)", latest, progress.step, progress.samples_seen
+            )
         logger = MetricsLogger(out, ctx, cfg.run.tensorboard, resume_step=progress.step)
         try:
             progress = train_loop(cfg, ctx, engine, loader, logger, ckpt, progress, config_yaml)

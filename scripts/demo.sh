@@ -16,7 +16,7 @@ fi
 rm -rf "$RUN" "$OUT"   # a fresh demo each time (a relaunch of the same command would resume instead)
 
 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  -m pretrain.train "$CONFIG" --set run.output_dir="$RUN" "${EXTRA[@]}" "$@"
+  -m pretrain.train "$CONFIG" "${EXTRA[@]}" "$@" --set run.output_dir="$RUN"   # last --set wins: export reads $RUN
 python -m pretrain.export "$RUN" "$OUT"
 python -m pretrain.probe "$OUT" --json "$RUN/probe.json"
 echo "[demo] metrics: $RUN/metrics.jsonl  reconstructions: $RUN/images/  HF model: $OUT  (tensorboard --logdir $RUN/tensorboard)"

@@ -9,7 +9,9 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   for cand in python3.11 python3; do command -v "$cand" >/dev/null && PY="$cand" && break; done
 fi
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv || { echo "[setup] '$PY -m venv' failed: install the venv module (Debian: apt-get install python3.11-venv)"; exit 1; }
+fi
 PIP=".venv/bin/python -m pip"
 
 stamp=".venv/.tessera-install"

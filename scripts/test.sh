@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 # pytest exits 5 when it collects nothing: with `set -e` that fails this script, as it should.
 .venv/bin/python -m pytest -q -m "not slow and not gpu" "$@"
 if [ "${RUN_SLOW:-0}" = "1" ]; then

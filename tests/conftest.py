@@ -26,8 +26,15 @@ def digits_shards(tmp_path_factory) -> str:
 
 def tiny_args(out_dir, shards: str, *extra: str) -> list[str]:
     """Arguments for the tiny MAE config writing into `out_dir`, reading pre-converted shards."""
-    args = [TINY, "--set", f"run.output_dir={out_dir}", "--set", f"data.local={shards}",
-            "--set", "run.progress=false"]
+    args = [
+        TINY,
+        "--set",
+        f"run.output_dir={out_dir}",
+        "--set",
+        f"data.local={shards}",
+        "--set",
+        "run.progress=false",
+    ]
     for e in extra:
         args += ["--set", e]
     return args
@@ -38,14 +45,27 @@ def launch(cmd: list[str], timeout: int = 300, env: dict | None = None) -> subpr
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def torchrun(nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
-    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "pretrain.train", *args], **kw)
+    return launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "pretrain.train",
+            *args,
+        ],
+        **kw,
+    )
 
 
 def read_metrics(out_dir) -> list[dict]:

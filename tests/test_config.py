@@ -9,8 +9,16 @@ from pretrain.objectives import OBJECTIVES
 from tests.conftest import ROOT, TINY
 
 REQUIRED_KEYS = [
-    "run.output_dir", "seed", "train.max_steps", "train.micro_batch_size", "train.grad_accum_steps",
-    "checkpoint.interval", "checkpoint.keep_last", "engine.backend", "engine.zero_stage", "engine.precision",
+    "run.output_dir",
+    "seed",
+    "train.max_steps",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "checkpoint.interval",
+    "checkpoint.keep_last",
+    "engine.backend",
+    "engine.zero_stage",
+    "engine.precision",
 ]
 
 
@@ -24,18 +32,30 @@ def test_required_keys_exist_and_override():
     cfg = load_config(TINY)
     for key in REQUIRED_KEYS:
         get(cfg, key)  # AttributeError if a key users script against disappears
-    cfg = load_config(TINY, ["train.max_steps=7", "engine.backend=deepspeed", "engine.zero_stage=3",
-                             "engine.precision=bf16", "optim.lr=1e-4", "checkpoint.keep_last=5"])
+    cfg = load_config(
+        TINY,
+        [
+            "train.max_steps=7",
+            "engine.backend=deepspeed",
+            "engine.zero_stage=3",
+            "engine.precision=bf16",
+            "optim.lr=1e-4",
+            "checkpoint.keep_last=5",
+        ],
+    )
     assert (cfg.train.max_steps, cfg.engine.zero_stage, cfg.engine.precision) == (7, 3, "bf16")
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.max_step=3", "'train.max_steps'"),
-    ("trian.max_steps=3", "train"),
-    ("objective.mask_ration=0.5", "objective.mask_ratio"),
-    ("engine.zero_stag=2", "engine.zero_stage"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.max_step=3", "'train.max_steps'"),
+        ("trian.max_steps=3", "train"),
+        ("objective.mask_ration=0.5", "objective.mask_ratio"),
+        ("engine.zero_stag=2", "engine.zero_stage"),
+    ],
+)
 def test_unknown_key_names_it_and_nearest(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [override])
@@ -43,22 +63,37 @@ def test_unknown_key_names_it_and_nearest(override, fragment):
     assert override.split("=")[0] in msg and fragment.strip("'") in msg
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.max_steps=abc", "train.max_steps"),
-    ("train.max_steps=0", "train.max_steps"),
-    ("engine.zero_stage=4", "engine.zero_stage"),
-    ("engine.precision=fp16", "engine.precision"),
-    ("engine.backend=fsdp", "engine.backend"),
-    ("run.tensorboard=maybe", "run.tensorboard"),
-    ("objective.mask_ratio=1.5", "objective.mask_ratio"),
-    ("model.name=vit_tinyy", "model.name"),
-    ("model.kwargs.embed_dimm=8", "embed_dimm"),
-    ("objective.name=nope", "objective.name"),
-    ("data.dataset=imagenet", "dataset"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("engine.zero_stage=4", "engine.zero_stage"),
+        ("engine.precision=fp16", "engine.precision"),
+        ("engine.backend=fsdp", "engine.backend"),
+        ("run.tensorboard=maybe", "run.tensorboard"),
+        ("objective.mask_ratio=1.5", "objective.mask_ratio"),
+        ("model.name=vit_tinyy", "model.name"),
+        ("model.kwargs.embed_dimm=8", "embed_dimm"),
+        ("objective.name=nope", "objective.name"),
+        ("data.dataset=imagenet", "data.dataset"),
+        ("seed=-1", "seed"),
+        ("train.stop_at_step=0", "train.stop_at_step"),
+        ("model.kwargs.depth='3'", "model.kwargs.depth"),
+        ("data.image_size=18", "data.image_size"),
+        ("model.kwargs.num_heads=3", "model.kwargs.num_heads"),
+        ("engine.offload_optimizer=true", "engine.offload_optimizer"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(TINY, [override])
+
+
+def test_deepspeed_bf16_needs_zero():
+    with pytest.raises(ConfigError, match="engine.zero_stage"):
+        load_config(TINY, ["engine.backend=deepspeed", "engine.zero_stage=0", "engine.precision=bf16"])
+    load_config(TINY, ["engine.backend=deepspeed", "engine.zero_stage=1", "engine.precision=bf16"])
 
 
 def test_zero_needs_deepspeed_and_missing_file():

@@ -1,7 +1,5 @@
 """Hugging Face parity: exported folders load offline with transformers' own classes and match to 1e-5."""
 
-import os
-
 import pytest
 import torch
 
@@ -10,8 +8,12 @@ from ops.compat import import_transformers
 from pretrain.export import from_hf, to_hf
 from pretrain.objectives.mae import MAE, MAEConfig
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 tf = import_transformers()
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # from_pretrained must find everything in the folder
 
 
 def trained_like(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -62,18 +64,29 @@ def test_classifier_export_parity(tmp_path):
 
 def test_hf_initialised_model_imports(tmp_path):
     """Import the other way: a folder transformers wrote from its own random init."""
-    cfg = tf.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          image_size=16, patch_size=4, num_channels=3, decoder_hidden_size=16,
-                          decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
-                          layer_norm_eps=1e-6)
+    cfg = tf.ViTMAEConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        layer_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     hf = tf.ViTMAEForPreTraining(cfg).eval()
     hf.save_pretrained(tmp_path)
     ours = from_hf(tmp_path)
     x, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
     with torch.no_grad():
-        torch.testing.assert_close(ours({"image": x}, noise=noise)["pred"], hf(pixel_values=x, noise=noise).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ours({"image": x}, noise=noise)["pred"], hf(pixel_values=x, noise=noise).logits, atol=1e-5, rtol=0
+        )
 
 
 def test_errors_name_the_folder(tmp_path):

@@ -59,7 +59,9 @@ def test_loss_counts_only_masked_patches():
     # normalized-pixel target: per-patch zero mean, unit (unbiased) variance
     t = target[:, :4]
     normed = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
-    torch.testing.assert_close(mae_loss(pred, target, mask, norm_pix=True), ((pred[:, :4] - normed) ** 2).mean())
+    torch.testing.assert_close(
+        mae_loss(pred, target, mask, norm_pix=True), ((pred[:, :4] - normed) ** 2).mean()
+    )
 
 
 def test_objective_output_and_learning():

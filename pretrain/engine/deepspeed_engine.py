@@ -65,8 +65,14 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, ctx: DistContext):
         ds = _import_deepspeed()
         self.cfg, self.ctx = cfg, ctx
-        for key, value in (("RANK", ctx.rank), ("LOCAL_RANK", ctx.local_rank), ("WORLD_SIZE", ctx.world_size)):
-            os.environ.setdefault(key, str(value))  # DeepSpeed reads them even for a single `python -m` process
+        for key, value in (
+            ("RANK", ctx.rank),
+            ("LOCAL_RANK", ctx.local_rank),
+            ("WORLD_SIZE", ctx.world_size),
+        ):
+            os.environ.setdefault(
+                key, str(value)
+            )  # DeepSpeed reads them even for a single `python -m` process
         ds.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         o = cfg.optim
         groups = param_groups(model, o.weight_decay)
@@ -81,7 +87,9 @@ class DeepSpeedEngine(Engine):
         self.module = self.ds.module
         self.float_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None
         if self.ds.gradient_accumulation_steps() != cfg.train.grad_accum_steps:
-            raise RuntimeError("DeepSpeed did not take train.grad_accum_steps")  # would silently change the batch
+            raise RuntimeError(
+                "DeepSpeed did not take train.grad_accum_steps"
+            )  # would silently change the batch
 
     def describe(self) -> str:
         e = self.cfg.engine
@@ -90,18 +98,30 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, micro_batches: list[dict], lr: float) -> StepResult:
         if len(micro_batches) != self.cfg.train.grad_accum_steps:
-            raise ValueError("DeepSpeed steps exactly train.grad_accum_steps micro-batches per optimizer step")
+            raise ValueError(
+                "DeepSpeed steps exactly train.grad_accum_steps micro-batches per optimizer step"
+            )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         outputs, total = [], 0.0  # summed on device: one host sync per step, not per micro-batch
-        for batch in micro_batches:
+        norm = None
+        for i, batch in enumerate(micro_batches):
             out = self.ds(to_device(batch, self.ctx.device, self.float_dtype))
             self.ds.backward(out["loss"])  # DeepSpeed divides by the accumulation steps itself
+            if i == len(micro_batches) - 1 and self.ds.zero_optimization_stage() == 0:
+                # without ZeRO, DeepSpeed does not record the norm; gradients are all-reduced by now
+                grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+                norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+                )
             self.ds.step()  # applies the update only at the accumulation boundary
             total = total + out["loss"].detach().float()
             outputs.append(out)
-        norm = self.ds.get_global_grad_norm()
-        norm = float(norm.item() if isinstance(norm, torch.Tensor) else (norm or 0.0))
+        if norm is None:
+            norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError("DeepSpeed reported no gradient norm for this step")
+        norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
         return StepResult(loss=float(total) / len(micro_batches), outputs=outputs, grad_norm=norm)
 
     def save(self, folder: Path) -> None:

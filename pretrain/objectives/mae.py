@@ -28,7 +28,9 @@ class MAEConfig:
         if self.decoder_dim % self.decoder_heads:
             raise ConfigError("objective.decoder_dim: must be divisible by objective.decoder_heads")
         if self.decoder_dim % 4:
-            raise ConfigError("objective.decoder_dim: must be divisible by 4 (2-D sin-cos position embedding)")
+            raise ConfigError(
+                "objective.decoder_dim: must be divisible by 4 (2-D sin-cos position embedding)"
+            )
 
 
 @OBJECTIVES.register("mae")
@@ -45,9 +47,15 @@ class MAE(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         self.decoder = MAEDecoder(
-            backbone.num_patches, backbone.num_features, backbone.patch_size, backbone.in_chans,
-            dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
-            mlp_ratio=cfg.decoder_mlp_ratio, norm_eps=backbone.norm_eps,
+            backbone.num_patches,
+            backbone.num_features,
+            backbone.patch_size,
+            backbone.in_chans,
+            dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+            mlp_ratio=cfg.decoder_mlp_ratio,
+            norm_eps=backbone.norm_eps,
         )
 
     def forward(self, batch: dict, noise: torch.Tensor | None = None) -> dict:
@@ -58,7 +66,7 @@ class MAE(nn.Module):
         ids_keep, mask, ids_restore = random_masking(noise, self.cfg.mask_ratio)
         latent = self.backbone.forward_features(images, ids_keep=ids_keep)  # (B, 1 + K, D)
         pred = self.decoder(latent, ids_restore)  # (B, L, p*p*C)
-        target = patchify(images, self.backbone.patch_size)
+        target = patchify(images.float(), self.backbone.patch_size)  # normalized in fp32 even under bf16
         loss = mae_loss(pred, target, mask, self.cfg.norm_pix_loss)
         return {"loss": loss, "pred": pred.detach(), "mask": mask}
 
