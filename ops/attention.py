@@ -60,6 +60,11 @@ def select_backend(q: torch.Tensor, attn_mask: torch.Tensor | None = None, backe
     return backend
 
 
+def causal_keep(n: int, m: int, device: torch.device) -> torch.Tensor:
+    """(n, m) bool, True where query i may see key j: bottom-right aligned, so the last query sees every key."""
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril(diagonal=m - n)
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,9 +77,7 @@ def reference_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, H, N, M)
     if is_causal:
-        n, m = logits.shape[-2:]
-        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
-        logits = logits.masked_fill(~keep, float("-inf"))
+        logits = logits.masked_fill(~causal_keep(*logits.shape[-2:], q.device), float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attn_mask, float("-inf"))
@@ -115,7 +118,7 @@ def attention(
     if is_causal and (attn_mask is not None or n != m):
         # SDPA takes a mask or is_causal, not both, and aligns causality top-left when n != m; the reference
         # and flash-attn align it bottom-right (the last query sees every key). Fold it into the mask.
-        causal = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+        causal = causal_keep(n, m, q.device)
         if attn_mask is None:
             attn_mask = causal
         elif attn_mask.dtype == torch.bool:
