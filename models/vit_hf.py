@@ -76,8 +76,11 @@ def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.T
     return {prefix + k: v.contiguous() for k, v in out.items()}
 
 
-def encoder_from_hf(hf: dict, cfg, prefix: str = "") -> VisionTransformer:
-    """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`)."""
+def encoder_from_hf(hf: dict, cfg, prefix: str = "", head: tuple | None = None) -> VisionTransformer:
+    """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`), with an
+    optional classifier `head` (weight, bias)."""
+    if cfg.hidden_act != "gelu":
+        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (Tessera's ViT uses exact GELU)")
     hf = {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
     pos = hf["embeddings.position_embeddings"]
     grid = cfg.image_size // cfg.patch_size
@@ -95,7 +98,7 @@ def encoder_from_hf(hf: dict, cfg, prefix: str = "") -> VisionTransformer:
         qkv_bias=cfg.qkv_bias,
         pos_embed="sincos" if fixed else "learned",
         norm_eps=cfg.layer_norm_eps,
-        num_classes=len(getattr(cfg, "id2label", {}) or {}) if "classifier.weight" in hf else 0,
+        num_classes=0 if head is None else head[0].shape[0],
     )
     sd = {
         "cls_token": hf["embeddings.cls_token"],
@@ -107,15 +110,10 @@ def encoder_from_hf(hf: dict, cfg, prefix: str = "") -> VisionTransformer:
     }
     if not fixed:
         sd["pos_embed"] = pos
-    if "classifier.weight" in hf:
-        sd["head.weight"], sd["head.bias"] = hf["classifier.weight"], hf["classifier.bias"]
+    if head is not None:
+        sd["head.weight"], sd["head.bias"] = head
     vit.load_state_dict(sd, strict=True)
     return vit
-
-
-def _check_hf_act(cfg) -> None:
-    if cfg.hidden_act != "gelu":
-        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (Tessera's ViT uses exact GELU)")
 
 
 def _common(vit: VisionTransformer) -> dict:
@@ -192,21 +190,18 @@ def mae_to_hf(vit: VisionTransformer, decoder: MAEDecoder, mask_ratio: float, no
     return model.eval()
 
 
-def mae_from_hf(hf: dict, cfg) -> tuple[VisionTransformer, MAEDecoder]:
-    """Encoder and decoder from a ViTMAEForPreTraining config + state dict."""
-    _check_hf_act(cfg)
-    vit = encoder_from_hf(hf, cfg, prefix="vit.")
-    dec = MAEDecoder(
-        vit.num_patches,
-        cfg.hidden_size,
-        cfg.patch_size,
-        cfg.num_channels,
+def decoder_kwargs_from_hf(cfg) -> dict:
+    """MAEDecoder size arguments of a ViTMAE config."""
+    return dict(
         dim=cfg.decoder_hidden_size,
         depth=cfg.decoder_num_hidden_layers,
         num_heads=cfg.decoder_num_attention_heads,
         mlp_ratio=cfg.decoder_intermediate_size / cfg.decoder_hidden_size,
-        norm_eps=cfg.layer_norm_eps,
     )
+
+
+def decoder_from_hf(decoder: MAEDecoder, hf: dict) -> MAEDecoder:
+    """Load a ViTMAEForPreTraining state dict's decoder weights into `decoder` (built to the same size)."""
     sd = {
         "decoder_embed.weight": hf["decoder.decoder_embed.weight"],
         "decoder_embed.bias": hf["decoder.decoder_embed.bias"],
@@ -215,22 +210,17 @@ def mae_from_hf(hf: dict, cfg) -> tuple[VisionTransformer, MAEDecoder]:
         "norm.bias": hf["decoder.decoder_norm.bias"],
         "pred.weight": hf["decoder.decoder_pred.weight"],
         "pred.bias": hf["decoder.decoder_pred.bias"],
-        **_blocks_from_hf(hf, "decoder.decoder_layers.", "blocks.", cfg.decoder_num_hidden_layers),
+        **_blocks_from_hf(hf, "decoder.decoder_layers.", "blocks.", decoder.depth),
     }
-    dec.load_state_dict(sd, strict=True)
-    if not torch.equal(hf["decoder.decoder_pos_embed"], dec.pos_embed):
+    decoder.load_state_dict(sd, strict=True)
+    if not torch.equal(hf["decoder.decoder_pos_embed"], decoder.pos_embed):
         # transformers' own fresh init zeroes it; keep whatever the folder holds, still frozen
-        dec.register_buffer("pos_embed", hf["decoder.decoder_pos_embed"].clone(), persistent=True)
-    return vit, dec
+        decoder.register_buffer("pos_embed", hf["decoder.decoder_pos_embed"].clone(), persistent=True)
+    return decoder
 
 
 def vit_from_hf(hf: dict, cfg) -> VisionTransformer:
-    _check_hf_act(cfg)
+    """The encoder of a ViTModel / ViTForImageClassification / ViTMAEForPreTraining state dict."""
     prefix = "vit." if any(k.startswith("vit.") for k in hf) else ""
-    if "classifier.weight" in hf:
-        hf = {
-            **hf,
-            "vit.classifier.weight": hf["classifier.weight"],
-            "vit.classifier.bias": hf["classifier.bias"],
-        }
-    return encoder_from_hf(hf, cfg, prefix=prefix)
+    head = (hf["classifier.weight"], hf["classifier.bias"]) if "classifier.weight" in hf else None
+    return encoder_from_hf(hf, cfg, prefix=prefix, head=head)

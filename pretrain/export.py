@@ -21,7 +21,7 @@ import torch.nn as nn
 import yaml
 
 from models.vit import VisionTransformer
-from models.vit_hf import mae_from_hf, mae_to_hf, vit_from_hf, vit_to_hf
+from models.vit_hf import decoder_from_hf, decoder_kwargs_from_hf, mae_to_hf, vit_from_hf, vit_to_hf
 from pretrain.checkpoint import find_latest, read_meta
 from pretrain.config import from_dict
 from pretrain.objectives.mae import MAE, MAEConfig
@@ -59,17 +59,17 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
     sd = {k: v for f in files for k, v in load_file(str(f)).items()}
     arch = (config.architectures or [""])[0]
     if arch == "ViTMAEForPreTraining":
-        vit, decoder = mae_from_hf(sd, config)
+        dec = decoder_kwargs_from_hf(config)
         cfg = MAEConfig(
             mask_ratio=config.mask_ratio,
             norm_pix_loss=config.norm_pix_loss,
-            decoder_dim=decoder.dim,
-            decoder_depth=decoder.depth,
-            decoder_heads=decoder.num_heads,
-            decoder_mlp_ratio=decoder.mlp_ratio,
+            decoder_dim=dec["dim"],
+            decoder_depth=dec["depth"],
+            decoder_heads=dec["num_heads"],
+            decoder_mlp_ratio=dec["mlp_ratio"],
         )
-        model = MAE(vit, cfg)
-        model.decoder = decoder
+        model = MAE(vit_from_hf(sd, config), cfg)
+        decoder_from_hf(model.decoder, sd)
         return model.eval()
     if arch in ("ViTModel", "ViTForImageClassification"):
         return vit_from_hf(sd, config).eval()
