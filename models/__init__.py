@@ -1,10 +1,41 @@
-"""Model zoo. `create_model(name, **overrides)` builds any registered backbone; nothing here imports pretrain."""
+"""Model zoo. `create_model(name, **overrides)` builds any registered backbone; nothing here imports pretrain.
+
+Backbone contract (every registered model; tests/test_models.py checks it over the whole registry):
+  __init__(..., img_size, in_chans, num_classes=0, drop_path_rate=0.0, ...)  (build.py passes the data's size)
+  forward_features(images) -> final features (the family's natural layout: tokens (B, L, D) or maps
+      (B, C, H, W)); hierarchical families take `mask=None`: (B, H/s, W/s) bool at the stem grid
+      (s = `stem_stride`), True = masked, replaced by a learned mask token (`mask_token=True`) or zeros
+  forward_head(features, pre_logits=False) -> pooled (B, num_features) or logits (B, num_classes)
+  forward_intermediates(images, indices=None) -> [(B, C_i, H_i, W_i)] for `feature_info[i]` (default: all)
+  forward(images) = forward_head(forward_features(images))
+  feature_info [{num_chs, reduction, module}], num_features, no_weight_decay(), group_matcher() (regexes for
+  layer-wise LR decay), set_grad_checkpointing(), reset_classifier(num_classes), hparams() (rebuilds it)
+Each registered factory carries `builds` (the class its kwargs are checked against) and `smoke` (overrides that
+make the size cheap for CPU tests: fewer blocks, a smaller input; widths and heads unchanged); a family registers
+its size table with `models.registry.register_sizes`. The hierarchical families share the generic parts of the
+contract through `models.hierarchical.HierarchicalBackbone`.
+"""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from models import vit  # noqa: F401  (registers the ViT sizes)
+# each family registers its sizes, and its HF twin's adapter (models/hf.py)
+from models import (  # noqa: F401
+    convnext,
+    convnext_hf,
+    maxvit,  # no transformers twin: models/maxvit_timm.py maps it to timm's reference, for tests and benchmarks
+    poolformer,
+    poolformer_hf,
+    pvt_v2,
+    pvt_v2_hf,
+    swin,
+    swin_hf,
+    swin_v2,
+    swin_v2_hf,
+    vit,
+    vit_hf,
+)
 from models.registry import MODELS, Registry, check_kwargs
 
 

@@ -72,3 +72,20 @@ def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], where: str) -> 
 
 
 MODELS = Registry("model")
+
+
+def register_sizes(cls: type, sizes: dict[str, dict[str, Any]], smoke: dict[str, Any]) -> None:
+    """Register a model factory per size: `MODELS.get(name)(**overrides)` builds `cls(**{**sizes[name],
+    **overrides})` and carries `builds` (`cls`, what `check_kwargs` validates overrides against) and `smoke`
+    (overrides that make the size cheap for CPU tests; see models/__init__.py)."""
+    for name, defaults in sizes.items():
+        MODELS.register(name)(_sized_factory(cls, defaults, smoke))
+
+
+def _sized_factory(cls: type, defaults: dict[str, Any], smoke: dict[str, Any]) -> Callable[..., Any]:
+    def factory(**overrides):
+        return cls(**{**defaults, **overrides})
+
+    factory.builds = cls
+    factory.smoke = dict(smoke)  # a copy per size
+    return factory

@@ -1,10 +1,8 @@
 """Vision Transformer (Dosovitskiy et al. 2021; DeiT sizes), the encoder MAE pretrains.
 
-Backbone contract (shared by every registered backbone):
+The backbone contract is in models/__init__.py. Here:
   forward_features(images, ids_keep=None) -> tokens (B, 1 + L, D), final norm applied
-  forward_head(features, pre_logits=False) -> pooled (B, D) or logits (B, num_classes)
-  forward_intermediates(images, indices) -> list of (B, D, H/p, W/p) maps from the chosen blocks
-  no_weight_decay(), group_matcher(), set_grad_checkpointing(), num_features, feature_info
+  forward_intermediates(images, indices) -> list of (B, D, H/p, W/p) maps after the chosen blocks (default all)
 `ids_keep` (B, K) selects which patch tokens enter the encoder (MAE's sparse encoding); the cls token is
 always kept and comes first.
 """
@@ -16,7 +14,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.layers import Block, init_mae_weights, sincos_pos_embed_2d
-from models.registry import MODELS
+from models.registry import register_sizes
 
 
 class PatchEmbed(nn.Module):
@@ -38,6 +36,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    fixed_input_size = True  # learned/fixed position embeddings for one grid: inputs must be img_size
+
     def __init__(
         self,
         img_size: int = 224,
@@ -116,6 +116,12 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def reset_classifier(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
     def embed(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens + position embedding, optionally subset to `ids_keep`, with the cls token first."""
         x = self.patch_embed(images)  # (B, L, D)
@@ -144,8 +150,9 @@ class VisionTransformer(nn.Module):
     def forward_intermediates(
         self, images: torch.Tensor, indices: list[int] | None = None
     ) -> list[torch.Tensor]:
-        """Spatial maps (B, D, H/p, W/p) after the blocks in `indices` (default: the last)."""
-        indices = [len(self.blocks) - 1] if indices is None else [i % len(self.blocks) for i in indices]
+        """Spatial maps (B, D, H/p, W/p) after the blocks in `indices` (default: every block)."""
+        n = len(self.blocks)
+        indices = list(range(n)) if indices is None else [i % n for i in indices]
         x, out = self.embed(images), []
         for i, blk in enumerate(self.blocks):
             x = self.run_blocks(x, [blk])
@@ -177,14 +184,6 @@ class VisionTransformer(nn.Module):
         )
 
 
-def _vit(defaults: dict):
-    def factory(**overrides) -> VisionTransformer:
-        return VisionTransformer(**{**defaults, **overrides})
-
-    factory.builds = VisionTransformer  # what `check_kwargs` validates config overrides against
-    return factory
-
-
 # name: (patch, dim, depth, heads). `test` is CI-sized, `mini` trains on a CPU in minutes (the README demo);
 # the rest are the DeiT/ViT paper sizes.
 _SIZES = {
@@ -196,6 +195,11 @@ _SIZES = {
     "vit_large_patch16": (16, 1024, 24, 16),
     "vit_huge_patch14": (14, 1280, 32, 16),
 }
-for _name, (_p, _d, _n, _h) in _SIZES.items():
-    _img = 32 if _p == 4 else 224
-    MODELS.register(_name)(_vit(dict(img_size=_img, patch_size=_p, embed_dim=_d, depth=_n, num_heads=_h)))
+register_sizes(
+    VisionTransformer,
+    {
+        name: dict(img_size=32 if p == 4 else 224, patch_size=p, embed_dim=dim, depth=depth, num_heads=heads)
+        for name, (p, dim, depth, heads) in _SIZES.items()
+    },
+    smoke=dict(img_size=32, patch_size=8, depth=2),  # CPU-test size (see models/__init__.py)
+)

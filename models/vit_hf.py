@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from models.hf import HFAdapter, register_hf
 from models.layers import sincos_pos_embed_2d
 from models.mae import MAEDecoder
 from models.vit import VisionTransformer
@@ -133,19 +134,26 @@ def _common(vit: VisionTransformer) -> dict:
     )
 
 
+def vit_config(vit: VisionTransformer):
+    cfg = import_transformers().ViTConfig(**_common(vit))
+    n_cls = vit.head.out_features if isinstance(vit.head, torch.nn.Linear) else 0
+    if n_cls:
+        cfg.num_labels = n_cls
+    return cfg
+
+
 def vit_to_hf(vit: VisionTransformer):
     """(HF model with Tessera's weights loaded strictly): ViTModel, or ViTForImageClassification with a head."""
     tf = import_transformers()
-    ViTConfig, ViTForImageClassification, ViTModel = tf.ViTConfig, tf.ViTForImageClassification, tf.ViTModel
+    ViTForImageClassification, ViTModel = tf.ViTForImageClassification, tf.ViTModel
 
     n_cls = vit.head.out_features if isinstance(vit.head, torch.nn.Linear) else 0
-    cfg = ViTConfig(**_common(vit))
+    cfg = vit_config(vit)
     if n_cls:
         if vit.global_pool != "token":
             raise ValueError(
                 "ViTForImageClassification classifies the cls token; this model uses global_pool='avg'"
             )
-        cfg.num_labels = n_cls
         model = ViTForImageClassification(cfg)
         sd = encoder_to_hf(vit, "vit.")
         sd["classifier.weight"], sd["classifier.bias"] = vit.head.weight.detach(), vit.head.bias.detach()
@@ -224,3 +232,28 @@ def vit_from_hf(hf: dict, cfg) -> VisionTransformer:
     prefix = "vit." if any(k.startswith("vit.") for k in hf) else ""
     head = (hf["classifier.weight"], hf["classifier.bias"]) if "classifier.weight" in hf else None
     return encoder_from_hf(hf, cfg, prefix=prefix, head=head)
+
+
+def vit_hf_outputs(hf, x: torch.Tensor) -> dict:
+    """A ViTModel / ViTForImageClassification's outputs in Tessera's layouts (see models/hf.py)."""
+    base = getattr(hf, "vit", hf)
+    out = base(pixel_values=x, output_hidden_states=True)
+    grid = hf.config.image_size // hf.config.patch_size
+    stages = [h[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid) for h in out.hidden_states[1:]]
+    res = {"features": out.last_hidden_state, "stages": stages, "pooled": out.last_hidden_state[:, 0]}
+    if base is not hf:
+        res["logits"] = hf.classifier(out.last_hidden_state[:, 0])
+    return res
+
+
+register_hf(
+    "vit",
+    HFAdapter(
+        model_cls=VisionTransformer,
+        archs=("ViTModel", "ViTForImageClassification"),
+        hf_config=vit_config,
+        to_hf=vit_to_hf,
+        from_hf=vit_from_hf,
+        hf_outputs=vit_hf_outputs,
+    ),
+)

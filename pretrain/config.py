@@ -46,6 +46,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.05  # not applied to biases, norms, tokens and position embeddings
+    layer_decay: float = 1.0  # layer-wise LR decay over the backbone's depth (group_matcher); 1.0 = off
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
 
@@ -151,6 +152,7 @@ class Config:
             "must be cosine, linear or constant",
         )
         need(len(self.optim.betas) == 2, "optim.betas", "must be two numbers")
+        need(0.0 < self.optim.layer_decay <= 1.0, "optim.layer_decay", "must be in (0, 1] (1.0 = off)")
         need(
             0 <= self.optim.warmup_steps <= self.train.max_steps,
             "optim.warmup_steps",

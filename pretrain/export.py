@@ -3,8 +3,9 @@
     python -m pretrain.export RUN_DIR_OR_CHECKPOINT OUT_DIR
 
 consolidates the checkpoint (any engine, any ZeRO stage) and writes OUT_DIR loadable offline by transformers:
-an MAE run gives `ViTMAEForPreTraining.from_pretrained(OUT_DIR)`, plus OUT_DIR/encoder for `ViTModel`; a bare
-backbone gives `ViTModel` (or `ViTForImageClassification` with a head). The key maps live next to the models.
+an MAE run gives `ViTMAEForPreTraining.from_pretrained(OUT_DIR)`, plus OUT_DIR/encoder for `ViTModel`; any other
+run exports its backbone through the family's adapter (models/hf.py): `SwinModel`, `ConvNextModel`, ... or
+`<Family>ForImageClassification` when the backbone has a classifier head. The key maps live next to the models.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from models.vit import VisionTransformer
+from models.hf import adapter_for_arch, adapter_for_model
 from models.vit_hf import decoder_from_hf, decoder_kwargs_from_hf, mae_to_hf, vit_from_hf, vit_to_hf
 from pretrain.checkpoint import find_latest, read_meta
 from pretrain.config import from_dict
@@ -28,23 +29,22 @@ from pretrain.objectives.mae import MAE, MAEConfig
 
 
 def to_hf(model: nn.Module, out_dir: str | Path) -> nn.Module:
-    """Write the HF folder for a Tessera model (an MAE objective or a ViT backbone); return the HF model."""
+    """Write the HF folder for a Tessera model (an MAE objective, another objective's backbone, or a bare
+    backbone); return the HF model."""
     out = Path(out_dir)
     if isinstance(model, MAE):
         hf = mae_to_hf(model.backbone, model.decoder, model.cfg.mask_ratio, model.cfg.norm_pix_loss)
         vit_to_hf(model.backbone).save_pretrained(out / "encoder", safe_serialization=True)
-    elif isinstance(model, VisionTransformer):
-        hf = vit_to_hf(model)
     else:
-        raise TypeError(
-            f"no Hugging Face export for {type(model).__name__}; exportable: MAE, VisionTransformer"
-        )
+        backbone = getattr(model, "backbone", model)  # objectives hold theirs as .backbone
+        hf = adapter_for_model(backbone).to_hf(backbone)
     hf.save_pretrained(out, safe_serialization=True)
     return hf
 
 
 def from_hf(hf_dir: str | Path) -> nn.Module:
-    """Build the Tessera model from an HF folder written by `to_hf` (or any ViTMAE/ViT folder)."""
+    """Build the Tessera model from an HF folder written by `to_hf`, or any folder of a supported architecture
+    (ViTMAE, or one a family adapter imports: ViT, Swin, ConvNeXt, ...)."""
     from safetensors.torch import load_file
 
     from ops.compat import import_transformers
@@ -71,9 +71,11 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
         model = MAE(vit_from_hf(sd, config), cfg)
         decoder_from_hf(model.decoder, sd)
         return model.eval()
-    if arch in ("ViTModel", "ViTForImageClassification"):
-        return vit_from_hf(sd, config).eval()
-    raise ValueError(f"{hf_dir}: architecture {arch!r} has no Tessera import")
+    try:
+        adapter = adapter_for_arch(arch)
+    except ValueError as e:
+        raise ValueError(f"{hf_dir}: {e}") from e
+    return adapter.from_hf(sd, config).eval()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny shards converted once per session, and launch helpers for multi-process runs."""
+"""Shared fixtures: tiny shards converted once per session, launch helpers for multi-process runs, and the helpers
+of the Hugging Face parity tests (an offline hub, weights moved away from their init)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "mae_tiny.yaml")
@@ -22,6 +24,23 @@ def digits_shards(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("shards") / "digits_train"
     convert("digits", "train", str(out))
     return str(out)
+
+
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """For HF round trips (`pytestmark = pytest.mark.usefixtures("hf_offline")`): from_pretrained must find
+    everything in the folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def trained_like(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Perturb every weight (N(0, 0.05^2) added), so parity cannot pass by init luck (zero biases and tables,
+    unit norms, tiny layer scales, zero GRN, equal temperatures...); eval()."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module.eval()
 
 
 def tiny_args(out_dir, shards: str, *extra: str) -> list[str]:

@@ -7,22 +7,12 @@ from models import create_model
 from ops.compat import import_transformers
 from pretrain.export import from_hf, to_hf
 from pretrain.objectives.mae import MAE, MAEConfig
+from tests.conftest import trained_like
 
 tf = import_transformers()
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # from_pretrained must find everything in the folder
-
-
-def trained_like(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Perturb every weight so parity cannot pass by zero-initialised luck (biases, LayerNorms...)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return module.eval()
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 @pytest.mark.parametrize("chans, pos", [(1, "sincos"), (3, "learned")])

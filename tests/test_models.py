@@ -1,24 +1,42 @@
-"""Generic tests over every registered model (small instances of each size family)."""
+"""The backbone contract (models/__init__.py), checked over every registered model at its smoke size."""
+
+import inspect
+import re
 
 import pytest
 import torch
 
-from models import create_model, list_models
+from models import MODELS, create_model, list_models
+from pretrain.optim import layer_ids
 
-SMALL = dict(img_size=32, patch_size=8, depth=2)  # every size, shrunk in depth/resolution to run on CPU
-
-
-def small(name):
-    return create_model(name, **SMALL)
+NAMES = list_models()
 
 
-@pytest.mark.parametrize("name", list_models())
+def small(name, **kw):
+    return create_model(name, **{**MODELS.get(name).smoke, **kw})
+
+
+def image(model, batch=2):
+    return torch.randn(
+        batch, model.hparams()["in_chans"], model.hparams()["img_size"], model.hparams()["img_size"]
+    )
+
+
+def test_every_factory_declares_its_class_and_smoke_size():
+    for name in NAMES:
+        f = MODELS.get(name)
+        assert inspect.isclass(f.builds) and isinstance(f.smoke, dict), name
+    families = {MODELS.get(n).builds for n in NAMES}
+    for cls in families:  # each family has a CI-sized member
+        assert any(MODELS.get(n).builds is cls and "_test" in n for n in NAMES), cls.__name__
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_forward_backward_every_param_gets_grad(name):
     torch.manual_seed(0)
     model = small(name)
-    x = torch.randn(2, 3, 32, 32)
+    x = image(model)
     feats = model.forward_features(x)
-    assert feats.shape == (2, 1 + model.num_patches, model.num_features)
     pooled = model.forward_head(feats, pre_logits=True)
     assert pooled.shape == (2, model.num_features)
     (feats.square().mean() + pooled.mean()).backward()
@@ -27,11 +45,11 @@ def test_forward_backward_every_param_gets_grad(name):
         assert p.grad.abs().sum() > 0, n
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", NAMES)
 def test_bf16_forward_close_to_fp32(name):
     torch.manual_seed(0)
     model = small(name).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = image(model)
     with torch.no_grad():
         ref = model.forward_features(x)
         out = model.to(torch.bfloat16).forward_features(x.bfloat16()).float()
@@ -39,26 +57,98 @@ def test_bf16_forward_close_to_fp32(name):
     assert (out - ref).abs().mean() < 0.05 * ref.abs().mean() + 1e-3
 
 
-def test_contract_methods():
-    model = create_model("vit_test_patch4", num_classes=5)
-    x = torch.randn(2, 3, 32, 32)
+@pytest.mark.parametrize("name", NAMES)
+def test_contract(name):
+    torch.manual_seed(0)
+    model = small(name, num_classes=5, drop_path_rate=0.1)
+    x = image(model)
+    model.eval()
     assert model(x).shape == (2, 5)
-    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
-    assert set(model.group_matcher()) >= {"stem", "blocks"}
-    maps = model.forward_intermediates(x, indices=[0, -1])
-    assert [m.shape for m in maps] == [(2, 32, 8, 8)] * 2
-    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), model.run_blocks(model.embed(x))[:, 1:])
-    # activation checkpointing changes memory, not math
-    model.train()
+    # features per stage, as feature_info says, and the last one feeds forward_features
+    maps = model.forward_intermediates(x)
+    assert len(maps) == len(model.feature_info)
+    size = model.hparams()["img_size"]
+    for m, info in zip(maps, model.feature_info):
+        assert m.shape[:2] == (2, info["num_chs"]), (m.shape, info)
+        assert m.shape[-1] == -(-size // info["reduction"]), (m.shape, info)  # ceil: odd maps are padded
+    assert [m.shape for m in model.forward_intermediates(x, indices=[0, -1])] == [
+        maps[0].shape,
+        maps[-1].shape,
+    ]
+    # parameter names the model exempts from weight decay exist
+    params = dict(model.named_parameters())
+    assert model.no_weight_decay() <= set(params), model.no_weight_decay() - set(params)
+    # layer-wise LR decay: every parameter lands in exactly one group, stem first, head last
+    ids = layer_ids(model)
+    assert set(ids) == set(params)
+    assert min(ids.values()) == 0 and max(ids.values()) >= 2
+    head = [n for n in params if n.startswith("head")]
+    assert head and all(ids[n] == max(ids.values()) for n in head)
+    # rebuild from hparams: same architecture
+    rebuilt = type(model)(**model.hparams())
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    # activation checkpointing changes memory, not math (dropout-free: drop_path is 0 in eval, so train with 0)
+    model = small(name, num_classes=5).train()
+    torch.manual_seed(1)
     ref = model.forward_features(x)
     model.set_grad_checkpointing(True)
-    torch.testing.assert_close(model.forward_features(x), ref)
+    torch.manual_seed(1)
+    out = model.forward_features(x)
+    torch.testing.assert_close(out, ref)
+    out.mean().backward()
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
 
 
-def test_ids_keep_encodes_only_the_kept_tokens():
+@pytest.mark.parametrize("name", [n for n in NAMES if "_test" in n])
+def test_mask_replaces_stem_tokens(name):
+    """Hierarchical families take a stem-grid mask (SimMIM/SparK later): all-False changes nothing, all-True hides
+    the image entirely."""
+    model = (
+        small(name, mask_token=True)
+        if "mask_token" in inspect.signature(MODELS.get(name).builds).parameters
+        else None
+    )
+    if model is None or "mask" not in inspect.signature(model.forward_features).parameters:
+        assert "ids_keep" in inspect.signature(small(name).forward_features).parameters, (
+            name
+        )  # ViT: MAE's subset
+        return
+    torch.manual_seed(0)
+    model.eval()
+    x = image(model)
+    s = model.stem_stride
+    grid = (x.shape[-2] // s, x.shape[-1] // s)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(x, mask=torch.zeros(2, *grid, dtype=torch.bool)), model.forward_features(x)
+        )
+        full = torch.ones(2, *grid, dtype=torch.bool)
+        a, b = model.forward_features(x, mask=full), model.forward_features(torch.randn_like(x), mask=full)
+        torch.testing.assert_close(a, b)
+        half = torch.zeros(2, *grid, dtype=torch.bool)
+        half[:, : grid[0] // 2] = True
+        assert not torch.allclose(model.forward_features(x, mask=half), model.forward_features(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_group_matcher_regexes_compile(name):
+    gm = small(name).group_matcher()
+    assert set(gm) >= {"stem", "blocks", "head"}
+    blocks = gm["blocks"] if isinstance(gm["blocks"], list) else [(gm["blocks"], None)]
+    for pattern, _ in blocks:
+        re.compile(pattern)
+
+
+def test_vit_intermediates_and_ids_keep():
     torch.manual_seed(0)
     model = create_model("vit_test_patch4", pos_embed="sincos").eval()
     x = torch.randn(2, 3, 32, 32)
+    maps = model.forward_intermediates(x, indices=[0, -1])
+    assert [m.shape for m in maps] == [(2, 32, 8, 8)] * 2
+    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), model.run_blocks(model.embed(x))[:, 1:])
     everything = torch.arange(model.num_patches).expand(2, -1)
     torch.testing.assert_close(model.forward_features(x, ids_keep=everything), model.forward_features(x))
     keep = torch.tensor([[0, 5, 9], [63, 1, 2]])
@@ -73,6 +163,7 @@ def test_ids_keep_encodes_only_the_kept_tokens():
 def test_paper_sizes():
     expected = {"vit_tiny_patch16": 5.5e6, "vit_small_patch16": 21.7e6, "vit_base_patch16": 85.8e6}
     for name, n in expected.items():
-        model = create_model(name)
+        with torch.device("meta"):
+            model = create_model(name)
         got = sum(p.numel() for p in model.parameters())
         assert abs(got - n) / n < 0.02, (name, got)

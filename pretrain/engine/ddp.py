@@ -24,7 +24,7 @@ class TorchEngine(Engine):
         self.wrapped = DDP(self.module) if ctx.distributed else self.module
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.module, o.weight_decay),
+            param_groups(self.module, o.weight_decay, o.layer_decay),
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
@@ -61,7 +61,7 @@ class TorchEngine(Engine):
         clip = self.cfg.train.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip).item()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise LR decay
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=float(total) / n, outputs=outputs, grad_norm=grad_norm)

@@ -75,7 +75,7 @@ class DeepSpeedEngine(Engine):
             )  # DeepSpeed reads them even for a single `python -m` process
         ds.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
         o = cfg.optim
-        groups = param_groups(model, o.weight_decay)
+        groups = param_groups(model, o.weight_decay, o.layer_decay)
         if cfg.engine.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -102,7 +102,7 @@ class DeepSpeedEngine(Engine):
                 "DeepSpeed steps exactly train.grad_accum_steps micro-batches per optimizer step"
             )
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise LR decay
         outputs, total = [], 0.0  # summed on device: one host sync per step, not per micro-batch
         norm = None
         for i, batch in enumerate(micro_batches):

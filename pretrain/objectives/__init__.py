@@ -25,6 +25,6 @@ def build_objective(cfg, backbone: nn.Module) -> nn.Module:
     return OBJECTIVES.get(objective_name(cfg))(backbone, cfg)
 
 
-from pretrain.objectives import mae  # noqa: E402,F401  (registers "mae")
+from pretrain.objectives import classify, mae  # noqa: E402,F401  (register "classify", "mae")
 
 __all__ = ["OBJECTIVES", "build_objective", "objective_name"]

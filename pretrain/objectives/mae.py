@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +40,11 @@ class MAE(nn.Module):
 
     def __init__(self, backbone: nn.Module, cfg: MAEConfig):
         super().__init__()
-        if not (hasattr(backbone, "num_patches") and hasattr(backbone, "patch_size")):
+        encode = getattr(backbone, "forward_features", None)
+        if encode is None or "ids_keep" not in inspect.signature(encode).parameters:
             raise ValueError(
                 f"MAE needs a ViT-style backbone that encodes a subset of patch tokens (ids_keep); "
-                f"{type(backbone).__name__} is not one"
+                f"{type(backbone).__name__} is not one (hierarchical families take a mask for SimMIM/SparK instead)"
             )
         self.cfg = cfg
         self.backbone = backbone

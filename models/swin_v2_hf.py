@@ -1,0 +1,218 @@
+"""Hugging Face twin of Swin Transformer V2: the key map and both directions of conversion.
+
+Tessera (SwinTransformerV2)          transformers (Swinv2Model keys; Swinv2ForImageClassification prefixes "swinv2.")
+patch_embed.proj                     embeddings.patch_embeddings.projection
+patch_embed.norm                     embeddings.norm
+mask_token (1, 1, C)                 embeddings.mask_token            (only Swinv2Model(use_mask_token=True))
+layers.i.blocks.j.attn.qkv.weight    encoder.layers.i.blocks.j.attention.self.{query,key,value}.weight (split dim 0)
+layers.i.blocks.j.attn.q_bias        encoder.layers.i.blocks.j.attention.self.query.bias   (key has no bias)
+layers.i.blocks.j.attn.v_bias        encoder.layers.i.blocks.j.attention.self.value.bias
+layers.i.blocks.j.attn.logit_scale   encoder.layers.i.blocks.j.attention.self.logit_scale
+layers.i.blocks.j.attn.cpb.mlp       encoder.layers.i.blocks.j.attention.self.continuous_position_bias_mlp
+layers.i.blocks.j.attn.proj          encoder.layers.i.blocks.j.attention.output.dense
+layers.i.blocks.j.norm1              encoder.layers.i.blocks.j.layernorm_before   (post-norm of the attention branch,
+layers.i.blocks.j.norm2              encoder.layers.i.blocks.j.layernorm_after     despite the names)
+layers.i.blocks.j.mlp.fc1 / fc2      encoder.layers.i.blocks.j.intermediate.dense / output.dense
+layers.i.downsample.{reduction,norm} encoder.layers.i.downsample.{reduction,norm}
+norm                                 layernorm
+head                                 classifier (Swinv2ForImageClassification)
+
+Stages: HF's encoder hidden_states[0] is the stem; with output_hidden_states_before_downsampling=True, [i + 1] is
+stage i's blocks' output before its merging (= forward_intermediates[i]); Swinv2Model's default hidden_states[i + 1]
+are taken after the merging instead. The mask token is not exported: transformers' Swinv2Model and
+Swinv2ForImageClassification have none (from_pretrained cannot build one); a state dict that holds one imports.
+HF quirk: Swinv2SelfAttention adds the shift mask (-100) twice; Tessera adds it once, as the paper's code and timm.
+exp(-100) already vanishes next to the unmasked logits, so the outputs agree (to 1e-12 in float64, measured at
+temperatures 10 and 100). In float32 the two differ by rounding only (Tessera scales q before the matmul, HF the
+logits after): ~1e-6 at the init temperature 10, growing with it (~5e-4 when every head sits at the cap of 100).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from models.hf import HFAdapter, backbone_state, load_strict, register_hf, swin_stages
+from models.swin_v2 import NORM_EPS, SwinTransformerV2
+from ops.compat import import_transformers
+
+_BLK, _HF_BLK = "layers.{i}.blocks.{j}.", "encoder.layers.{i}.blocks.{j}."
+_KEY_MAP = [  # (Tessera prefix, HF prefix); {i}, {j} are stage and block numbers
+    ("patch_embed.proj.", "embeddings.patch_embeddings.projection."),
+    ("patch_embed.norm.", "embeddings.norm."),
+    ("mask_token", "embeddings.mask_token"),
+    (_BLK + "attn.q_bias", _HF_BLK + "attention.self.query.bias"),
+    (_BLK + "attn.v_bias", _HF_BLK + "attention.self.value.bias"),
+    (_BLK + "attn.logit_scale", _HF_BLK + "attention.self.logit_scale"),
+    (_BLK + "attn.cpb.mlp.", _HF_BLK + "attention.self.continuous_position_bias_mlp."),
+    (_BLK + "attn.proj.", _HF_BLK + "attention.output.dense."),
+    (_BLK + "norm1.", _HF_BLK + "layernorm_before."),
+    (_BLK + "norm2.", _HF_BLK + "layernorm_after."),
+    (_BLK + "mlp.fc1.", _HF_BLK + "intermediate.dense."),
+    (_BLK + "mlp.fc2.", _HF_BLK + "output.dense."),
+    ("layers.{i}.downsample.", "encoder.layers.{i}.downsample."),
+    ("norm.", "layernorm."),
+]
+_QKV = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.weight$")
+_QKV_HF = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.(query|key|value)\.weight$")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(
+        "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    )
+
+
+_TO_HF = [(_pattern(t), h) for t, h in _KEY_MAP]
+_FROM_HF = [(_pattern(h), t) for t, h in _KEY_MAP]
+
+
+def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, template in table:
+        m = pattern.match(key)
+        if m:
+            return template.format(**m.groupdict()) + key[m.end() :]
+    raise KeyError(f"no key-map entry for {key!r}")
+
+
+def backbone_to_hf(model: SwinTransformerV2, prefix: str = "", mask_token: bool = False) -> dict:
+    """Swinv2Model-layout state dict of the backbone, keys prefixed with `prefix` (the mask token if asked)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().float().cpu()
+        if k.startswith("head.") or (k == "mask_token" and not mask_token):
+            continue
+        m = _QKV.match(k)
+        if m:
+            for part, w in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+                out[f"{prefix}encoder.layers.{m[1]}.blocks.{m[2]}.attention.self.{part}.weight"] = (
+                    w.contiguous()
+                )
+        else:
+            out[prefix + _rename(k, _TO_HF)] = v.contiguous()
+    return out
+
+
+def swinv2_config(model: SwinTransformerV2):
+    n_cls = model.head.out_features if isinstance(model.head, torch.nn.Linear) else 0
+    kw = dict(
+        image_size=model.img_size,
+        patch_size=model.patch_size,
+        num_channels=model.in_chans,
+        embed_dim=model.embed_dim,
+        depths=list(model.depths),
+        num_heads=list(model.num_heads),
+        window_size=model.window_size,
+        pretrained_window_sizes=list(model.pretrained_window_sizes),
+        mlp_ratio=model.mlp_ratio,
+        qkv_bias=model.qkv_bias,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=model.drop_path_rate,
+        use_absolute_embeddings=False,
+        layer_norm_eps=NORM_EPS,
+    )
+    if n_cls:
+        kw["num_labels"] = n_cls
+    return import_transformers().Swinv2Config(**kw)
+
+
+def swinv2_to_hf(model: SwinTransformerV2):
+    """Swinv2Model, or Swinv2ForImageClassification with a head, holding `model`'s weights (no mask token)."""
+    tf = import_transformers()
+    cfg = swinv2_config(model)
+    if isinstance(model.head, torch.nn.Linear):
+        hf = tf.Swinv2ForImageClassification(cfg)
+        sd = backbone_to_hf(model, "swinv2.")
+        sd["classifier.weight"], sd["classifier.bias"] = model.head.weight.detach(), model.head.bias.detach()
+    else:
+        hf = tf.Swinv2Model(cfg)
+        sd = backbone_to_hf(model)
+    return load_strict(hf, sd, f"swinv2_to_hf (SwinTransformerV2 -> {type(hf).__name__})")
+
+
+def _check_config(cfg) -> None:
+    """Raise ValueError naming the Swinv2Config field Tessera's SwinTransformerV2 cannot represent."""
+
+    def reject(field: str, why: str):
+        raise ValueError(f"Swinv2Config.{field} {getattr(cfg, field)!r} is not supported: {why}")
+
+    if cfg.hidden_act != "gelu":
+        reject("hidden_act", "Tessera's Swin V2 uses exact GELU")
+    if cfg.use_absolute_embeddings:
+        reject("use_absolute_embeddings", "Swin V2 has only relative (CPB) position information")
+    if float(cfg.layer_norm_eps) != NORM_EPS:
+        reject("layer_norm_eps", f"every LayerNorm uses {NORM_EPS} (transformers fixes it for two of them)")
+    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if getattr(cfg, field):
+            reject(field, "Tessera's Swin V2 has no dropout (stochastic depth only)")
+    for field in ("image_size", "patch_size", "window_size"):
+        if not isinstance(getattr(cfg, field), int):
+            reject(field, "only a single (square) int is supported")
+    if not len(cfg.depths) == len(cfg.num_heads) == len(cfg.pretrained_window_sizes):
+        reject("pretrained_window_sizes", f"needs one entry per stage, like depths {cfg.depths}")
+    if any(p == 1 or p < 0 for p in cfg.pretrained_window_sizes):
+        reject("pretrained_window_sizes", "each must be 0 (none) or a window of at least 2")
+
+
+def swinv2_from_hf(hf: dict[str, torch.Tensor], cfg) -> SwinTransformerV2:
+    """A SwinTransformerV2 from a Swinv2Model / Swinv2ForImageClassification state dict and config."""
+    _check_config(cfg)
+    base = backbone_state(hf, "swinv2.")
+    model = SwinTransformerV2(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.num_channels,
+        embed_dim=cfg.embed_dim,
+        depths=tuple(cfg.depths),
+        num_heads=tuple(cfg.num_heads),
+        window_size=cfg.window_size,
+        pretrained_window_sizes=tuple(cfg.pretrained_window_sizes),
+        mlp_ratio=float(cfg.mlp_ratio),
+        qkv_bias=bool(cfg.qkv_bias),
+        num_classes=hf["classifier.weight"].shape[0] if "classifier.weight" in hf else 0,
+        drop_path_rate=float(cfg.drop_path_rate),
+        mask_token="embeddings.mask_token" in base,
+    )
+    sd, qkv = {}, {}
+    for k, v in base.items():
+        m = _QKV_HF.match(k)
+        if m:
+            qkv.setdefault(f"layers.{m[1]}.blocks.{m[2]}.attn.qkv.weight", {})[m[3]] = v
+        else:
+            sd[_rename(k, _FROM_HF)] = v
+    for k, parts in qkv.items():
+        sd[k] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    if "classifier.weight" in hf:
+        sd["head.weight"], sd["head.bias"] = hf["classifier.weight"], hf["classifier.bias"]
+    return load_strict(model, sd, "swinv2_from_hf (Swinv2Config -> SwinTransformerV2)")
+
+
+def swinv2_hf_outputs(hf, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> dict:
+    """A Swinv2Model / Swinv2ForImageClassification's outputs in Tessera's layouts (see models/hf.py).
+    `bool_masked_pos` (B, L) needs a model built with use_mask_token=True."""
+    base = getattr(hf, "swinv2", hf)
+    out = base(pixel_values=x, bool_masked_pos=bool_masked_pos)
+    res = {
+        "features": out.last_hidden_state,  # (B, L, C)
+        "stages": swin_stages(base, x, bool_masked_pos=bool_masked_pos),
+        "pooled": out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1),
+    }
+    if base is not hf:
+        res["logits"] = hf.classifier(res["pooled"])
+    return res
+
+
+register_hf(
+    "swinv2",
+    HFAdapter(
+        model_cls=SwinTransformerV2,
+        archs=("Swinv2Model", "Swinv2ForImageClassification"),
+        hf_config=swinv2_config,
+        to_hf=swinv2_to_hf,
+        from_hf=swinv2_from_hf,
+        hf_outputs=swinv2_hf_outputs,
+    ),
+)
