@@ -2,11 +2,15 @@
 
 Backbone contract (every registered model; tests/test_models.py checks it over the whole registry):
   __init__(..., img_size, in_chans, num_classes=0, drop_path_rate=0.0, ...)  (build.py passes the data's size)
-  forward_features(images) -> final features (the family's natural layout: tokens (B, L, D) or maps
-      (B, C, H, W)); hierarchical families take `mask=None`: (B, H/s, W/s) bool at the stem grid
-      (s = `stem_stride`), True = masked, replaced by a learned mask token (`mask_token=True`) or zeros
+  forward_features(images) -> final features exactly as the HF twin's last_hidden_state (the family's natural
+      layout): ViT, Swin, Swin V2 tokens (B, L, D) after the final norm; PVT v2 the map after the last stage's
+      norm; ConvNeXt, PoolFormer, MaxViT the last stage map un-normed (their norm sits in forward_head).
+      Hierarchical families take `mask=None`: (B, H/s, W/s) bool at the stem grid (s = `stem_stride`),
+      True = masked, replaced by a learned mask token (`mask_token=True`) or zeros
+  (fixed_input_size = True: the model runs at img_size only (ViT); the others run at any size)
   forward_head(features, pre_logits=False) -> pooled (B, num_features) or logits (B, num_classes)
-  forward_intermediates(images, indices=None) -> [(B, C_i, H_i, W_i)] for `feature_info[i]` (default: all)
+  forward_intermediates(images, indices=None) -> [(B, C_i, H_i, W_i)] for `feature_info[i]`, in the order of
+      `indices` (default: all)
   forward(images) = forward_head(forward_features(images))
   feature_info [{num_chs, reduction, module}], num_features, no_weight_decay(), group_matcher() (regexes for
   layer-wise LR decay), set_grad_checkpointing(), reset_classifier(num_classes), hparams() (rebuilds it)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.hierarchical import HierarchicalBackbone, replace_masked, run_blocks
+from models.hierarchical import HierarchicalBackbone, replace_masked, run_block
 from models.layers import drop_path
 from models.mbconv import BN_EPS, Conv2dSame, MBConv, init_conv_weights
 from models.registry import register_sizes
@@ -167,10 +167,12 @@ class MaxViTBlock(nn.Module):
         self.block_attn = PartitionAttention(dim, "block", window_size, **attn)
         self.grid_attn = PartitionAttention(dim, "grid", grid_size, **attn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C, H/s, W/s)
-        x = self.mbconv(x).permute(0, 2, 3, 1)  # (B, H/s, W/s, C)
-        x = self.grid_attn(self.block_attn(x))
+    def attend(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        x = self.grid_attn(self.block_attn(x.permute(0, 2, 3, 1)))  # channels-last (B, H, W, C) inside
         return x.permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C, H/s, W/s)
+        return self.attend(self.mbconv(x))
 
 
 class MaxViTStage(nn.Module):
@@ -187,7 +189,11 @@ class MaxViTStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C, H/2, W/2)
-        return run_blocks(self, self.blocks, x)
+        for blk in self.blocks:
+            # only the attention half is checkpointed: recomputing MBConv in train mode would update its
+            # BatchNorm running statistics a second time
+            x = run_block(self, blk.attend, blk.mbconv(x))
+        return x
 
 
 class MaxViT(HierarchicalBackbone):

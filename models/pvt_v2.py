@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from models.hierarchical import HierarchicalBackbone, replace_masked, run_blocks
 from models.layers import drop_path
 from models.registry import register_sizes
-from ops.spatial_reduction import reduce_tokens, sr_attention
+from ops.spatial_reduction import reduce_map, sr_attention
 
 
 def _tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -80,10 +80,7 @@ class SpatialReductionAttention(nn.Module):
         return self.proj(sr_attention(self.q(x), self.kv(kv), self.num_heads, self.backend))
 
     def reduce(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # (B, N, C) -> (B, M, C)
-        sr, ln = self.sr, self.norm
-        return reduce_tokens(
-            x, hw, self.sr_ratio, sr.weight, sr.bias, ln.weight, ln.bias, ln.eps, self.linear
-        )
+        return reduce_map(x, hw, self.sr, self.norm, self.linear)  # calls the modules (ZeRO-3 gathers them)
 
 
 class ConvFeedForward(nn.Module):
@@ -280,13 +277,13 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
             img_size=self.img_size,
             in_chans=self.in_chans,
             num_classes=self.head.out_features if isinstance(self.head, nn.Linear) else 0,
-            embed_dims=self.embed_dims,
-            depths=self.depths,
-            num_heads=self.num_heads,
-            mlp_ratios=self.mlp_ratios,
-            sr_ratios=self.sr_ratios,
-            patch_sizes=self.patch_sizes,
-            strides=self.strides,
+            embed_dims=list(self.embed_dims),
+            depths=list(self.depths),
+            num_heads=list(self.num_heads),
+            mlp_ratios=list(self.mlp_ratios),
+            sr_ratios=list(self.sr_ratios),
+            patch_sizes=list(self.patch_sizes),
+            strides=list(self.strides),
             linear=self.linear,
             qkv_bias=self.qkv_bias,
             drop_path_rate=self.drop_path_rate,

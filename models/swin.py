@@ -131,7 +131,7 @@ class SwinTransformerBlock(nn.Module):
         mask = None
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-            mask = shift_window_mask(Hp, Wp, (m, m), (s, s)).to(x.device)  # (nW, N, N)
+            mask = shift_window_mask(Hp, Wp, (m, m), (s, s), x.device)  # (nW, N, N)
         windows = self.attn(window_partition(x, (m, m)), m, mask)  # (B * nW, m * m, C)
         x = window_reverse(windows, (m, m), Hp, Wp)  # (B, Hp, Wp, C)
         if s:

@@ -83,10 +83,10 @@ class WindowAttentionV2(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         BW, N, C = x.shape  # (B * nW, N, C)
-        bias = None
+        qkv = self.qkv(x)  # (B * nW, N, 3C); the module is called, so ZeRO-3 gathers its weight
         if self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # (3C,), no key bias
-        qkv = F.linear(x, self.qkv.weight, bias).view(BW, N, 3, self.num_heads, self.head_dim)
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])  # no key bias
+        qkv = qkv.view(BW, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B * nW, H, N, hd)
         out = cosine_window_attention(q, k, v, self.logit_scale, self.cpb(), mask, backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(BW, N, C))  # (B * nW, N, C)
@@ -178,7 +178,7 @@ class SwinV2Stage(nn.Module):
         mask = None
         if self.shift and len(self.blocks) > 1:  # one shift mask for the stage's shifted blocks
             Hp, Wp = (-(-n // self.window) * self.window for n in x.shape[1:3])
-            mask = shift_window_mask(Hp, Wp, (self.window,) * 2, (self.shift,) * 2).to(x.device)
+            mask = shift_window_mask(Hp, Wp, (self.window,) * 2, (self.shift,) * 2, x.device)
         for i, blk in enumerate(self.blocks):
             x = run_block(self, blk, x, mask if i % 2 else None)
         return x

@@ -19,8 +19,9 @@ head                                 classifier (Swinv2ForImageClassification)
 
 Stages: HF's encoder hidden_states[0] is the stem; with output_hidden_states_before_downsampling=True, [i + 1] is
 stage i's blocks' output before its merging (= forward_intermediates[i]); Swinv2Model's default hidden_states[i + 1]
-are taken after the merging instead. The mask token is not exported: transformers' Swinv2Model and
-Swinv2ForImageClassification have none (from_pretrained cannot build one); a state dict that holds one imports.
+are taken after the merging instead. The mask token is exported into Swinv2Model (load it with
+`Swinv2Model.from_pretrained(dir, use_mask_token=True)`: the config does not record it); the classification model
+has none.
 HF quirk: Swinv2SelfAttention adds the shift mask (-100) twice; Tessera adds it once, as the paper's code and timm.
 exp(-100) already vanishes next to the unmasked logits, so the outputs agree (to 1e-12 in float64, measured at
 temperatures 10 and 100). In float32 the two differ by rounding only (Tessera scales q before the matmul, HF the
@@ -120,16 +121,17 @@ def swinv2_config(model: SwinTransformerV2):
 
 
 def swinv2_to_hf(model: SwinTransformerV2):
-    """Swinv2Model, or Swinv2ForImageClassification with a head, holding `model`'s weights (no mask token)."""
+    """Swinv2Model (with the mask token, if any), or Swinv2ForImageClassification with a head (which has no
+    mask token), holding `model`'s weights."""
     tf = import_transformers()
     cfg = swinv2_config(model)
     if isinstance(model.head, torch.nn.Linear):
         hf = tf.Swinv2ForImageClassification(cfg)
         sd = backbone_to_hf(model, "swinv2.")
         sd["classifier.weight"], sd["classifier.bias"] = model.head.weight.detach(), model.head.bias.detach()
-    else:
-        hf = tf.Swinv2Model(cfg)
-        sd = backbone_to_hf(model)
+    else:  # load with Swinv2Model.from_pretrained(dir, use_mask_token=True) to keep a mask token
+        hf = tf.Swinv2Model(cfg, use_mask_token=model.mask_token is not None)
+        sd = backbone_to_hf(model, mask_token=True)
     return load_strict(hf, sd, f"swinv2_to_hf (SwinTransformerV2 -> {type(hf).__name__})")
 
 

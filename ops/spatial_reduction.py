@@ -1,7 +1,8 @@
 """Spatial-reduction attention (PVT, Wang et al. 2021; PVT v2, 2022): queries at full resolution, keys and
 values from a shorter sequence, so attention over an H x W map costs O(N * M) with M << N.
 
-x (B, N, C) holds an H x W map in row-major order. `reduce_tokens` shrinks it to M tokens:
+x (B, N, C) holds an H x W map in row-major order. `reduce_map` (modules) / `reduce_tokens` (weights) shrink
+it to M tokens:
   conv (linear=False): Conv2d(C, C, k=sr, stride=sr) -> LayerNorm; M = (H // sr) * (W // sr). The rows and
       columns past the last full sr x sr cell are dropped (a stride-sr conv without padding), as in PVT.
   linear (PVT v2-li):  AdaptiveAvgPool2d(pool) -> Conv2d(C, C, 1) -> LayerNorm -> GELU; M = pool * pool, so
@@ -16,7 +17,9 @@ patchify + matmul instead of the strided conv, explicit pooling bins, LayerNorm,
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,25 @@ def _check(x: torch.Tensor, hw: tuple[int, int]) -> tuple[int, int, int]:
     return B, N, C
 
 
+def reduce_map(
+    x: torch.Tensor,
+    hw: tuple[int, int],
+    conv: Callable[[torch.Tensor], torch.Tensor],
+    norm: Callable[[torch.Tensor], torch.Tensor],
+    linear: bool = False,
+    pool_size: int = 7,
+) -> torch.Tensor:
+    """(B, N, C) tokens of an H x W map -> (B, M, C) reduced tokens, with the reduction `conv` (maps -> maps) and
+    `norm` (tokens -> tokens) given as callables: models pass their nn.Modules, so the module hooks run (ZeRO-3
+    gathers a module's parameters only when its own forward is called)."""
+    B, N, C = _check(x, hw)
+    maps = x.transpose(1, 2).reshape(B, C, *hw)  # (B, C, H, W)
+    if linear:
+        maps = F.adaptive_avg_pool2d(maps, pool_size)  # (B, C, p, p)
+    y = norm(conv(maps).flatten(2).transpose(1, 2))  # (B, M, C)
+    return F.gelu(y) if linear else y
+
+
 def reduce_tokens(
     x: torch.Tensor,
     hw: tuple[int, int],
@@ -43,16 +65,13 @@ def reduce_tokens(
     linear: bool = False,
     pool_size: int = 7,
 ) -> torch.Tensor:
-    """(B, N, C) tokens of an H x W map -> (B, M, C) reduced tokens (see the module docstring).
-    `weight` is the reduction conv's (C, C, sr, sr), or (C, C, 1, 1) when `linear`."""
-    B, N, C = _check(x, hw)
-    maps = x.transpose(1, 2).reshape(B, C, *hw)  # (B, C, H, W)
-    if linear:
-        maps = F.conv2d(F.adaptive_avg_pool2d(maps, pool_size), weight, bias)  # (B, C, p, p)
-    else:
-        maps = F.conv2d(maps, weight, bias, stride=sr_ratio)  # (B, C, H // sr, W // sr)
-    y = F.layer_norm(maps.flatten(2).transpose(1, 2), (C,), norm_weight, norm_bias, eps)  # (B, M, C)
-    return F.gelu(y) if linear else y
+    """`reduce_map` with explicit weights: `weight` is the reduction conv's (C, C, sr, sr), or (C, C, 1, 1) when
+    `linear` (see the module docstring)."""
+    C = x.shape[-1]
+    stride = 1 if linear else sr_ratio
+    conv = functools.partial(F.conv2d, weight=weight, bias=bias, stride=stride)
+    norm = functools.partial(F.layer_norm, normalized_shape=(C,), weight=norm_weight, bias=norm_bias, eps=eps)
+    return reduce_map(x, hw, conv, norm, linear, pool_size)
 
 
 def sr_attention(

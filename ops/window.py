@@ -79,20 +79,21 @@ def relative_position_index(size: tuple[int, int]) -> torch.Tensor:
     return rel[..., 0] * (2 * size[1] - 1) + rel[..., 1]
 
 
-def shift_window_mask(H: int, W: int, size: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+def shift_window_mask(
+    H: int, W: int, size: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
     """(nW, N, N) additive mask for windows of a map rolled by -shift: tokens that were not neighbours before the
-    cyclic shift (they came from different regions) may not attend to each other. H, W: the padded size."""
-    region = torch.zeros(1, H, W, 1)
-    cuts_h = (slice(0, -size[0]), slice(-size[0], -shift[0]), slice(-shift[0], None))
-    cuts_w = (slice(0, -size[1]), slice(-size[1], -shift[1]), slice(-shift[1], None))
-    label = 0
-    for h in cuts_h:
-        for w in cuts_w:
-            region[:, h, w, :] = label
-            label += 1
-    ids = window_partition(region, size).squeeze(-1)  # (nW, N)
+    cyclic shift (they came from different regions) may not attend to each other. H, W: the padded size.
+    Built directly on `device` (no host-to-device copy in the forward)."""
+
+    def band(n: int, w: int, s: int) -> torch.Tensor:  # (n,) region along one axis: 0 | last window | wrapped
+        i = torch.arange(n, device=device)
+        return (i >= n - w).long() + (i >= n - s).long()
+
+    region = band(H, size[0], shift[0])[:, None] * 3 + band(W, size[1], shift[1])[None, :]  # (H, W)
+    ids = window_partition(region[None, :, :, None], size).squeeze(-1)  # (nW, N)
     same = ids[:, :, None] == ids[:, None, :]  # (nW, N, N)
-    return torch.zeros(same.shape).masked_fill(~same, MASKED)
+    return torch.zeros(same.shape, device=device).masked_fill(~same, MASKED)
 
 
 def _additive_mask(bias: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -86,6 +86,28 @@ def test_window_attention_matches_reference(with_bias, with_mask):
         assert not torch.allclose(out, reference_window_attention(q, k, v, bias, None), atol=1e-3)
 
 
+def test_window_attention_odd_windows_on_a_padded_map_with_bias_gradients():
+    """7x7 windows (N = 49) over a 10x12 map padded to 14x14, shifted by 3, with the bias table's gradient."""
+    torch.manual_seed(0)
+    heads, hd, size, shift = 2, 8, (7, 7), (3, 3)
+    x = pad_to_multiple(torch.randn(2, 10, 12, heads * hd), size)  # (2, 14, 14, C)
+    win = window_partition(x, size)  # (2 * 4, 49, C)
+    q, k, v = (win.view(8, 49, heads, hd).transpose(1, 2) * s for s in (1.0, 0.5, 2.0))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    table = torch.randn(13 * 13, heads, requires_grad=True)
+    bias = table[relative_position_index(size).view(-1)].view(49, 49, heads).permute(2, 0, 1)  # (H, N, N)
+    mask = shift_window_mask(14, 14, size, shift)
+    out = window_attention(q, k, v, bias, mask, backend="sdpa")
+    ref = reference_window_attention(q, k, v, bias, mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, table), g, retain_graph=True)  # `bias` is shared with ref
+    want = torch.autograd.grad(ref, (q, k, v, table), g)
+    for a, b in zip(got, want):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_window_attention_rejects_mismatched_windows():
     q = torch.randn(6, 2, 4, 8)
     with pytest.raises(ValueError, match="not a multiple"):

@@ -1,5 +1,8 @@
 """Parameter groups: weight-decay exemptions and layer-wise LR decay from the backbone's group_matcher."""
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ from pretrain.dist import DistContext
 from pretrain.engine import build_engine
 from pretrain.objectives.mae import MAE, MAEConfig
 from pretrain.optim import layer_ids, lr_at, param_groups
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launch
 
 
 def test_layer_ids_follow_depth():
@@ -60,3 +63,24 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(10, **kw) == pytest.approx(1.0)
     assert lr_at(60, **kw) == pytest.approx(0.55)
     assert lr_at(110, **kw) == pytest.approx(0.1)
+
+
+def test_deepspeed_engine_applies_lr_scale():
+    """DeepSpeed's ZeRO optimizer keeps the groups' lr_scale (one process, gloo, in a subprocess so its process
+    group does not outlive the test)."""
+    script = (
+        "import torch\n"
+        "from pretrain.build import build_model\n"
+        "from pretrain.config import load_config\n"
+        "from pretrain.dist import init_distributed\n"
+        "from pretrain.engine import build_engine\n"
+        f"cfg = load_config({str(ROOT / 'configs' / 'mae_tiny.yaml')!r}, ['optim.layer_decay=0.5', "
+        "'engine.backend=deepspeed', 'engine.zero_stage=2'])\n"
+        "engine = build_engine(build_model(cfg), cfg, init_distributed())\n"
+        "engine.train_step([{'image': torch.randn(16, 1, 16, 16)}], lr=1e-3)\n"
+        "print('LRS', sorted({g['lr'] for g in engine.optimizer.param_groups}))\n"
+    )
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1")
+    out = launch([sys.executable, "-c", script], env={**env, "LOCAL_RANK": "0"}).stdout
+    lrs = [float(v) for v in out.split("LRS [")[1].split("]")[0].split(",")]
+    assert lrs == pytest.approx([1e-3 * 0.5**3, 1e-3 * 0.5**2, 1e-3 * 0.5, 1e-3])
