@@ -1,7 +1,8 @@
 """timm's MaxViT (`maxvit_*_tf_*`, the port of the TF release) <-> Tessera's MaxViT: the key map and the config.
 
 transformers has no MaxViT, so timm's implementation is the reference twin, used by the parity tests and the
-benchmark only (timm is a dev dependency: pip install 'tessera[dev]'). Key map, per block
+benchmark only (timm is a test dependency: scripts/setup.sh installs it outside site-packages, see
+ops.compat.import_timm). Key map, per block
 `stages.i.blocks.j` (same prefix on both sides):
 
     timm                                                  Tessera
@@ -88,14 +89,9 @@ def maxvit_to_timm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _timm():
-    try:
-        from ops.compat import ensure_torchvision_importable
+    from ops.compat import import_timm
 
-        ensure_torchvision_importable()
-        import timm.models.maxxvit as maxxvit
-    except ImportError as err:
-        raise ImportError("the timm MaxViT twin needs timm: pip install 'tessera[dev]'") from err
-    return maxxvit
+    return import_timm().models.maxxvit
 
 
 def timm_config(model: MaxViT):

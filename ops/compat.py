@@ -58,3 +58,23 @@ def import_transformers():
     import transformers
 
     return transformers
+
+
+TEST_DEPS = (
+    "test-deps"  # under the venv (sys.prefix): reference implementations only tests and benchmarks import
+)
+
+
+def import_timm():
+    """timm (the reference MaxViT), which scripts/setup.sh installs into <venv>/test-deps, outside site-packages:
+    with timm importable everywhere, accelerate's CLI imports it at start, and timm imports torchvision, which
+    fails on this CPU torch (see ensure_torchvision_importable). Tessera never needs timm at run time."""
+    ensure_torchvision_importable()
+    extra = os.path.join(sys.prefix, TEST_DEPS)
+    if os.path.isdir(extra) and extra not in sys.path:
+        sys.path.append(extra)
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(f"timm is missing: bash scripts/setup.sh installs it into {extra}") from err
+    return timm

@@ -15,11 +15,15 @@ fi
 PIP=".venv/bin/python -m pip"
 
 stamp=".venv/.tessera-install"
-want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml requirements/constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch==2.13.0 (CPU), then Tessera and its pinned dependencies"
   $PIP install -q torch==2.13.0 -c requirements/constraints.txt
   $PIP install -q -c requirements/constraints.txt -e ".[dev]"
+  # timm: the reference MaxViT for tests and benchmarks only, kept out of site-packages (ops.compat.import_timm):
+  # importable everywhere, accelerate's CLI would import it, and with it this CPU torch's broken torchvision
+  $PIP uninstall -y -q timm >/dev/null 2>&1 || true
+  $PIP install -q --no-deps --upgrade --target .venv/test-deps -c requirements/constraints.txt timm
   echo "$want" > "$stamp"
 fi
 

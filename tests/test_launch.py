@@ -1,5 +1,9 @@
 """Launcher integration without starting processes: accelerate's flags and Slurm's variables."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from launch.accelerate import LaunchError, accelerate_overrides, merge_overrides
@@ -97,3 +101,12 @@ def test_rank_and_world_from_launchers():
     # the batch script itself (no srun step): one process, not a rank waiting for 7 others
     batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"}
     assert _from_env(batch) == (0, 1, 0, 1, "python")
+
+
+def test_accelerate_cli_starts():
+    """README's demo runs the `accelerate` command; its CLI imports every optional package it finds (timm, and
+    through it torchvision, which cannot import on this CPU torch), so the environment must keep those out."""
+    cli = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(cli), "launch", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--num_processes" in proc.stdout

@@ -13,11 +13,10 @@ from models import create_model
 from models.maxvit import PartitionAttention
 from models.maxvit_timm import from_timm, maxvit_from_timm_state_dict, maxvit_to_timm_state_dict, to_timm
 from models.mbconv import MBConv
-from ops.compat import ensure_torchvision_importable
+from ops.compat import import_timm
 
-ensure_torchvision_importable()
-import timm  # noqa: E402  (test-only reference; after the torchvision shim)
-from timm.models.maxxvit import MaxxVit, model_cfgs  # noqa: E402
+timm = import_timm()  # the test-only reference (installed outside site-packages by scripts/setup.sh)
+MaxxVit, model_cfgs = timm.models.maxxvit.MaxxVit, timm.models.maxxvit.model_cfgs
 
 
 def trained_like(module: nn.Module, seed: int = 1) -> nn.Module:
