@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.hierarchical import HierarchicalBackbone, replace_masked, run_blocks
-from models.layers import drop_path
+from models.layers import drop_path, drop_path_rates
 from models.registry import register_sizes
 
 NORM_EPS = 1e-6  # every LayerNorm inside the network (stem, downsample, blocks), as the paper's code and HF
@@ -130,10 +130,11 @@ class ConvNeXt(HierarchicalBackbone):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, dims[0], 1, 1)) if mask_token else None
         # stochastic depth grows linearly over all blocks, 0 for the first
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
+        rates = iter(drop_path_rates(drop_path_rate, sum(depths)))
+        dpr = [[next(rates) for _ in range(d)] for d in depths]  # per stage
         ls = 0.0 if self.use_grn else layer_scale_init_value
         self.stages = nn.ModuleList(
-            ConvNeXtStage(dims[i - 1] if i else None, dims[i], depths[i], dpr[i].tolist(), ls, self.use_grn)
+            ConvNeXtStage(dims[i - 1] if i else None, dims[i], depths[i], dpr[i], ls, self.use_grn)
             for i in range(len(depths))
         )
         self.norm = nn.LayerNorm(dims[-1], eps=head_norm_eps)

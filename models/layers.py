@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from ops import attention
 
 
+def drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic-depth rate of each of `n` blocks: linear from 0 (first block) to `rate` (last), as in the papers."""
+    return [rate * i / max(n - 1, 1) for i in range(n)]
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero the residual branch per sample with probability p, rescale the rest."""
     if p == 0.0 or not training:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.hierarchical import HierarchicalBackbone, replace_masked, run_block
-from models.layers import drop_path
+from models.layers import drop_path, drop_path_rates
 from models.mbconv import BN_EPS, Conv2dSame, MBConv, init_conv_weights
 from models.registry import register_sizes
 from ops.window import (
@@ -240,7 +240,7 @@ class MaxViT(HierarchicalBackbone):
         self.stem = Stem(in_chans, stem_width)
         self.mask_token = nn.Parameter(torch.zeros(1, stem_width, 1, 1)) if mask_token else None
         total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear over all blocks
+        dpr = drop_path_rates(drop_path_rate, total)
         block_kwargs = dict(
             window_size=window_size,
             grid_size=grid_size,

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.hierarchical import HierarchicalBackbone, replace_masked, run_blocks
-from models.layers import drop_path
+from models.layers import drop_path, drop_path_rates
 from models.registry import register_sizes
 
 
@@ -149,7 +149,7 @@ class PoolFormer(HierarchicalBackbone):
         self.stem = nn.Conv2d(in_chans, dims[0], kernel_size=7, stride=4, padding=2)
         self.mask_token = nn.Parameter(torch.zeros(1, dims[0], 1, 1)) if mask_token else None
         total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear over all blocks
+        dpr = drop_path_rates(drop_path_rate, total)
         self.stages = nn.ModuleList()
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             start = sum(depths[:i])

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.hierarchical import HierarchicalBackbone, replace_masked, run_blocks
-from models.layers import drop_path
+from models.layers import drop_path, drop_path_rates
 from models.registry import register_sizes
 from ops.spatial_reduction import reduce_map, sr_attention
 
@@ -209,7 +209,7 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
         self.patch_embed = OverlapPatchEmbed(in_chans, dims[0], patch_sizes[0], strides[0], norm_eps)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dims[0])) if mask_token else None
         total = sum(self.depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # grows linearly over all blocks
+        dpr = drop_path_rates(drop_path_rate, total)
         self.stages = nn.ModuleList()
         self.feature_info, reduction = [], 1
         for i, dim in enumerate(self.embed_dims):

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.hierarchical import HierarchicalBackbone, replace_masked, run_block
-from models.layers import Mlp, drop_path
+from models.layers import Mlp, drop_path, drop_path_rates
 from models.registry import register_sizes
 from ops.cosine_attention import ContinuousPositionBias, cosine_window_attention
 from ops.window import pad_to_multiple, shift_window_mask, window_partition, window_reverse
@@ -237,7 +237,7 @@ class SwinTransformerV2(HierarchicalBackbone):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear over all blocks
+        dpr = drop_path_rates(drop_path_rate, total)
         self.layers = nn.ModuleList()
         for i, (depth, heads, res) in enumerate(zip(depths, num_heads, resolutions)):
             window, shift = window_and_shift(res, window_size)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import Block, init_mae_weights, sincos_pos_embed_2d
+from models.layers import Block, drop_path_rates, init_mae_weights, sincos_pos_embed_2d
 from models.registry import register_sizes
 
 
@@ -77,9 +77,7 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos, persistent=False)  # (1, 1 + L, D), fixed
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim))
-        dpr = [
-            drop_path_rate * i / max(depth - 1, 1) for i in range(depth)
-        ]  # stochastic depth grows with depth
+        dpr = drop_path_rates(drop_path_rate, depth)  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_eps, attn_backend)
             for i in range(depth)
