@@ -100,8 +100,9 @@ def test_trained_checkpoint_exports_through_the_cli(tmp_path, digits_shards, fam
     x = torch.randn(2, 1, 32, 32)
     assert_parity(backbone, hf, HF_ADAPTERS.get(family), x, atol=1e-5)
     base = getattr(tf, adapter_base(arch)).from_pretrained(tmp_path / "hf").eval()  # the bare model loads too
-    with torch.no_grad():
-        assert base(pixel_values=x).last_hidden_state is not None
+    with torch.no_grad():  # ... with the same features
+        theirs = HF_ADAPTERS.get(family).hf_outputs(base, x)["features"]
+        torch.testing.assert_close(theirs, backbone.forward_features(x), atol=1e-5, rtol=0)
 
 
 def adapter_base(arch: str) -> str:
