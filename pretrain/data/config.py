@@ -38,6 +38,14 @@ class DataConfig:
     # Per-channel normalization; None = the dataset's defaults.
     mean: list[float] | None = None
     std: list[float] | None = None
+    # A sample that does not decode (corrupt image or label bytes inside an intact shard file):
+    # "error" stops the run with ShardError naming the shard file, sample id, column and decoder message;
+    # "skip" drops it from its micro-batch (which is then smaller), counts it per rank and logs it.
+    # A shard file missing, truncated or unfetchable is always an error: skipping would drop a whole shard.
+    bad_samples: str = "error"
+    # "skip" only: stop with ShardError once more than this many samples have been skipped on one rank since the
+    # run began (the count is checkpointed, so resumes add up); 0 = the first bad sample stops the run.
+    max_bad_samples: int = 100
 
     def local_dir(self) -> str:
         """Where the shards (or their cache) live; a max_samples subset never shares the full set's dir."""
@@ -67,6 +75,10 @@ class DataConfig:
             raise config_error(f"data.crop_scale_min: must be in (0, 1], got {self.crop_scale_min}")
         if self.num_workers < 0:
             raise config_error(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.bad_samples not in ("error", "skip"):
+            raise config_error(f"data.bad_samples: must be 'error' or 'skip', got {self.bad_samples!r}")
+        if self.max_bad_samples < 0:
+            raise config_error(f"data.max_bad_samples: must be >= 0, got {self.max_bad_samples}")
         if self.max_samples is not None and self.max_samples <= 0:
             raise config_error(f"data.max_samples: must be > 0 or None, got {self.max_samples}")
         for name in ("mean", "std"):
