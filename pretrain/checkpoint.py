@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,18 +86,63 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def check_resumable(folder: Path, config_yaml: str) -> None:
-    """Refuse to resume what cannot continue: another model or objective, or another engine layout."""
+# Keys a run cannot change and continue: the weights' shapes, what they learn, how they are sharded, and which
+# samples come in which order. Anything else (lr, intervals, output options, max_steps) may change on resume.
+FROZEN_KEYS = (
+    "model",
+    "objective",
+    "engine.backend",
+    "engine.zero_stage",
+    "engine.precision",
+    "seed",
+    "data.dataset",
+    "data.split",
+    "data.max_samples",
+    "data.image_size",
+    "data.shuffle",
+    "data.augment",
+    "train.micro_batch_size",
+)
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resumable(folder: Path, config_yaml: str, world_size: int | None = None) -> None:
+    """Refuse to resume what cannot continue: another model, objective, engine layout, data order or global batch.
+
+    The world size may change (elastic resume) when the global batch stays the same: micro_batch_size x
+    grad_accum_steps x world_size, so that every step still covers the same samples in the same order.
+    """
     old, new = yaml.safe_load((Path(folder) / "config.yaml").read_text()), yaml.safe_load(config_yaml)
-    for key in ("model", "objective", "engine.backend", "engine.zero_stage", "engine.precision"):
-        a, b = old, new
-        for part in key.split("."):
-            a, b = a.get(part), b.get(part)
+    for key in FROZEN_KEYS:
+        a, b = _get(old, key), _get(new, key)
         if a != b:
             raise ConfigError(
                 f"{key}: differs from checkpoint {folder} ({a} there, {b} now); resume with the "
                 "same value, or use a new run.output_dir to start over"
             )
+    if world_size is None:
+        return
+    old_world = read_meta(folder).get("world_size", world_size)
+    accum, micro = _get(old, "train.grad_accum_steps"), _get(old, "train.micro_batch_size")
+    before = micro * accum * old_world
+    now = _get(new, "train.micro_batch_size") * _get(new, "train.grad_accum_steps") * world_size
+    if before != now:
+        hint = ""
+        if before % (micro * world_size) == 0:
+            hint = f"; with {world_size} ranks use train.grad_accum_steps={before // (micro * world_size)}"
+        raise ConfigError(
+            f"train.grad_accum_steps: checkpoint {folder} was trained with a global batch of {before} "
+            f"({micro} x {accum} x {old_world} ranks) and this run has {now}{hint} (or set "
+            f"train.global_batch_size={before}, which derives it from the world size)"
+        )
+    for key in ("train.max_steps", "optim"):
+        if _get(old, key) != _get(new, key):
+            log.warning("resuming with a changed %s (%s -> %s)", key, _get(old, key), _get(new, key))
 
 
 def read_meta(folder: Path) -> dict:
@@ -119,7 +165,17 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return find_latest(self.root)
 
-    def save(self, step: int, engine: Engine, meta: dict, rank_state: dict, config_yaml: str) -> Path:
+    def save(
+        self,
+        step: int,
+        engine: Engine,
+        meta: dict,
+        rank_state: dict,
+        config_yaml: str,
+        before_publish: Callable[[], None] | None = None,
+    ) -> Path:
+        """Write step_XXXXXXXX.tmp/ on every rank, then publish it by rename. `before_publish` runs on every
+        rank once its files are written (a fault-injection window: pretrain.faults)."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.ctx.is_main:
@@ -129,6 +185,8 @@ class Checkpointer:
         t0 = time.time()
         engine.save(tmp / "engine")
         torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.ctx.rank:05d}.pt")
+        if before_publish is not None:
+            before_publish()
         self.ctx.barrier()  # every rank's files are on disk
         if self.ctx.is_main:
             (tmp / "config.yaml").write_text(config_yaml)
@@ -155,14 +213,29 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, folder: Path, engine: Engine) -> tuple[dict, dict]:
-        """Restore engine state into `engine`; return (meta, this rank's state) and restore RNG."""
+        """Restore engine state into `engine`; return (meta, this rank's state) and restore RNG.
+
+        Elastic: a checkpoint written by another number of ranks is resharded by the engine, and every rank
+        takes rank 0's state. The loader state is the same on every rank; RNG state is not restored then (a
+        new rank has none, and `pretrain.loop.seed_step` reseeds every step from (seed, step, rank) anyway).
+        """
         meta = read_meta(folder)
-        if meta.get("world_size") != self.ctx.world_size:
-            raise RuntimeError(
-                f"checkpoint {folder} was written by {meta.get('world_size')} ranks and this run has "
-                f"{self.ctx.world_size}; resume with the same number of ranks"
+        saved_world = meta.get("world_size", self.ctx.world_size)
+        if saved_world == self.ctx.world_size:
+            engine.load(folder / "engine")
+            state = torch.load(folder / "rank_state" / f"rank_{self.ctx.rank:05d}.pt", weights_only=False)
+            set_rng_state(state.pop("rng"))
+            return meta, state
+        t0 = time.time()
+        engine.load_resharded(folder / "engine")
+        state = torch.load(folder / "rank_state" / f"rank_{0:05d}.pt", weights_only=False)
+        state.pop("rng")
+        if self.ctx.is_main:
+            log.info(
+                "elastic resume: %s was written by %d ranks, loaded on %d in %.1fs",
+                folder,
+                saved_world,
+                self.ctx.world_size,
+                time.time() - t0,
             )
-        engine.load(folder / "engine")
-        state = torch.load(folder / "rank_state" / f"rank_{self.ctx.rank:05d}.pt", weights_only=False)
-        set_rng_state(state.pop("rng"))
         return meta, state

@@ -29,7 +29,14 @@ class Engine:
         raise NotImplementedError
 
     def load(self, folder: Path) -> None:
+        """Restore what `save` wrote into `folder`, on the same number of ranks."""
         raise NotImplementedError
+
+    def load_resharded(self, folder: Path) -> None:
+        """Restore what `save` wrote into `folder` on another number of ranks (elastic resume). Called on
+        every rank; model and optimizer state must come back whole, split the way this world size splits
+        them."""
+        raise NotImplementedError(f"the {self.name} engine cannot resume on a different number of ranks")
 
     def describe(self) -> str:
         raise NotImplementedError

@@ -76,6 +76,9 @@ class TorchEngine(Engine):
         self.module.load_state_dict(torch.load(folder / "model.pt", map_location=self.ctx.device))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.ctx.device))
 
+    def load_resharded(self, folder: Path) -> None:
+        self.load(folder)  # one full copy of model and optimizer, whatever the number of ranks that wrote it
+
 
 def consolidate(folder: str) -> dict:
     return torch.load(Path(folder) / "model.pt", map_location="cpu")

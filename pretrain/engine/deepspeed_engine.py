@@ -7,7 +7,12 @@ state is offloaded, which DeepSpeed requires.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +24,9 @@ from pretrain.engine.base import Engine, StepResult, to_device
 from pretrain.optim import param_groups
 
 TAG = "engine"  # DeepSpeed's files live in <checkpoint>/engine/
+# <checkpoint>/engine_universal/: DeepSpeed's universal form of engine/, made at the first elastic resume
+UNIVERSAL = "engine_universal"
+log = logging.getLogger("tessera")
 
 
 def _import_deepspeed():
@@ -132,6 +140,127 @@ class DeepSpeedEngine(Engine):
         path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")
+
+    def load_resharded(self, folder: Path) -> None:
+        """Elastic resume: re-partition model and optimizer state written by another number of ranks.
+
+        ZeRO 1-3 shards hold flat slices of the fp32 master weights and Adam moments, cut for the old world
+        size; DeepSpeed refuses to load them on another one. Rank 0 converts engine/ once into DeepSpeed's
+        universal form (full per-parameter tensors, by name), which every rank then slices for this world
+        size.
+        """
+        if self.ds.zero_optimization_stage() == 0:
+            self.load(folder)  # nothing is partitioned: the files hold the whole model and optimizer
+            return
+        universal = folder.parent / UNIVERSAL
+        failure: BaseException | None = None
+        if self.ctx.is_main:
+            try:
+                to_universal(folder, universal)
+            except Exception as e:  # every rank must raise, not wait for a conversion that will not come
+                failure = e
+        message = self.ctx.broadcast_object(
+            None if failure is None else f"{type(failure).__name__}: {failure}"
+        )
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RuntimeError(f"rank 0 could not convert {folder} to a universal checkpoint: {message}")
+        config = self.ds._config  # DeepSpeed reads this switch only inside load_checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.ds.load_checkpoint(
+                str(universal.parent), tag=universal.name, load_lr_scheduler_states=False
+            )
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no universal checkpoint in {universal}")
+        self._restore_what_universal_load_skips(universal)
+
+    def _restore_what_universal_load_skips(self, universal: Path) -> None:
+        """Mend what DeepSpeed 0.19's universal load gets wrong or leaves out, so that training continues as
+        after a same-size load: the module's buffers (e.g. BatchNorm statistics) are not loaded; under ZeRO-3
+        every optimizer group gets group 0's settings (weight_decay, lr_scale) and one shared `step` tensor,
+        which torch's AdamW then advances once per group and step (a wrong bias correction from then on)."""
+        files = sorted(universal.glob("*model_states.pt"))
+        state = torch.load(files[0], map_location="cpu", weights_only=False)
+        buffers = dict(self.module.named_buffers())
+        with torch.no_grad():
+            for name in state.get("buffer_names", []):
+                buffers[name].copy_(state["module"][name])
+        saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        groups = saved["param_groups"]
+        if len(groups) != len(self.optimizer.param_groups):
+            raise RuntimeError(
+                f"{universal} has {len(groups)} optimizer groups, this model has "
+                f"{len(self.optimizer.param_groups)}"
+            )
+        for group, old in zip(self.optimizer.param_groups, groups):
+            group.update({k: v for k, v in old.items() if k != "params"})
+        for param_state in self.optimizer.optimizer.state.values():  # torch's AdamW inside the ZeRO wrapper
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
+
+
+def to_universal(engine_dir: Path, out: Path) -> Path:
+    """Convert a ZeRO checkpoint folder into DeepSpeed's universal form at `out`, once (on one rank only).
+
+    `out`/zero/<parameter name>/{fp32,exp_avg,exp_avg_sq,step}.pt hold each parameter's whole fp32 master
+    weight and Adam state; zero/optimizer_state.pt the optimizer's settings. Written into `out`.tmp/ and
+    renamed into place, so a crash mid-conversion leaves the checkpoint as it was (the .tmp is redone next
+    time).
+    """
+    if out.is_dir():
+        return out
+    _import_deepspeed()
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(engine_dir),
+        output_folder=str(tmp / out.name),  # ds_to_universal also writes `latest_universal` next to it
+        num_extract_workers=1,  # in-process: no pool forked from a training rank
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our model is no Megatron model: it carries no universal-checkpoint info
+    )
+    chatter = io.StringIO()  # its prints and progress bars
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except BaseException:
+        log.error(
+            "converting %s to a universal checkpoint failed; its output:\n%s", engine_dir, chatter.getvalue()
+        )
+        raise
+    _fsync_tree(tmp)
+    os.replace(tmp / out.name, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(out.parent)
+    log.info("converted %s to a universal checkpoint in %s", engine_dir, out)
+    return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file, then every folder, under `folder`: the rename that follows publishes whole files."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(d)
+    _fsync_dir(folder)
 
 
 def consolidate(folder: str) -> dict:
