@@ -30,6 +30,9 @@ class RunConfig:
     image_interval: int = 100  # steps between objective visuals (e.g. MAE reconstructions); 0 = never
     tensorboard: bool = True
     progress: bool = True  # progress bar with ETA on rank 0
+    sample_log: bool = (
+        False  # per-rank log of the sample ids of every step, under samples/ (pretrain.samplelog)
+    )
 
 
 @dataclass
@@ -56,6 +59,9 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps of the whole run (sets the LR schedule)
     micro_batch_size: int = 64  # samples per rank per forward
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    # Samples per optimizer step over all ranks. When set, grad_accum_steps is derived from it and the world size
+    # at launch, so a job requeued on another number of nodes keeps training the same batches (elastic resume).
+    global_batch_size: int | None = None
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     stop_at_step: int | None = (
         None  # end this process after this step (checkpointed); the next launch resumes
@@ -69,6 +75,17 @@ class CheckpointConfig:
     resume: bool = (
         True  # resume from the latest checkpoint in run.output_dir; false refuses a dir that has some
     )
+
+
+@dataclass
+class GuardConfig:
+    """Loss guard: a non-finite or spiking loss rolls the run back to its last checkpoint and skips that batch."""
+
+    enabled: bool = True
+    spike_factor: float = 0.0  # a loss above this x its running mean is a spike; 0 = only non-finite losses
+    spike_warmup: int = 20  # good steps of history before spikes are judged
+    ema_decay: float = 0.9  # running mean of the loss: ema = decay * ema + (1 - decay) * loss
+    max_retries: int = 3  # rollbacks in a row (no new checkpoint in between) before the run gives up
 
 
 @dataclass
@@ -91,6 +108,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> Config:
         def need(ok: bool, key: str, msg: str) -> None:
@@ -142,10 +160,23 @@ class Config:
         need(self.train.max_steps > 0, "train.max_steps", "must be > 0")
         need(self.train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
         need(self.train.grad_accum_steps > 0, "train.grad_accum_steps", "must be > 0")
+        need(
+            self.train.global_batch_size is None or self.train.global_batch_size > 0,
+            "train.global_batch_size",
+            "must be > 0 (or null)",
+        )
         need(self.train.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         need(self.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
         need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
         need(self.run.log_interval > 0, "run.log_interval", "must be > 0")
+        need(
+            self.guard.spike_factor == 0 or self.guard.spike_factor > 1,
+            "guard.spike_factor",
+            "must be 0 or > 1",
+        )
+        need(self.guard.spike_warmup >= 0, "guard.spike_warmup", "must be >= 0")
+        need(0.0 <= self.guard.ema_decay < 1.0, "guard.ema_decay", "must be in [0, 1)")
+        need(self.guard.max_retries >= 0, "guard.max_retries", "must be >= 0")
         need(
             self.optim.schedule in ("cosine", "linear", "constant"),
             "optim.schedule",
@@ -190,6 +221,20 @@ class Config:
                 f"model {self.model.name!r} cannot be built with data.image_size="
                 f"{self.data.image_size} and {keys}: {e}"
             ) from e
+
+
+def resolve_batch(cfg: Config, world_size: int) -> None:
+    """Derive train.grad_accum_steps from train.global_batch_size and the world size, in place."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return
+    per_pass = t.micro_batch_size * world_size
+    if t.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size "
+            f"({t.micro_batch_size}) x {world_size} ranks"
+        )
+    t.grad_accum_steps = t.global_batch_size // per_pass
 
 
 # --- loading -------------------------------------------------------------------------------------------

@@ -48,11 +48,15 @@ class DistContext:
 
     def all_reduce_mean(self, value: float) -> float:
         """Mean of a float over ranks (float64 on CPU: the same value on every rank, in any order)."""
+        return self.all_reduce_sum([value])[0] / self.world_size
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks in one collective (float64 on CPU: identical on every rank)."""
         if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return t.tolist()
 
 
 def _slurm_master_addr() -> str:

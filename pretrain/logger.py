@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,28 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
+        self.tensorboard = tensorboard
+        self._open(resume_step)
+
+    def _open(self, resume_step: int) -> None:
         truncate_metrics(self.path, resume_step)
         self.file = open(self.path, "a")
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step` (a rollback redoes those steps)."""
+        if self.enabled:
+            self.close()
+            self._open(step)
+
+    def event(self, kind: str, **fields) -> None:
+        """One line in events.jsonl (never truncated): resumes, rollbacks, preemptions, skipped samples."""
+        if self.enabled:
+            with open(self.out_dir / "events.jsonl", "a") as f:
+                f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -96,3 +113,4 @@ class MetricsLogger:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+                self.tb = None

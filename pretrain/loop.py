@@ -1,12 +1,17 @@
-"""The training loop: one readable function over an engine, a loader, a logger and a checkpointer."""
+"""The training loop: one readable function over an engine, a loader, a logger and a checkpointer.
+
+Around every step it asks three questions, all answered the same on every rank: is the loss bad (roll back to
+the last checkpoint and skip the batch: pretrain.guard), did anyone get a stop signal (checkpoint, then stop:
+pretrain.preempt), is a checkpoint due.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,8 +22,12 @@ from pretrain.config import Config
 from pretrain.dist import DistContext
 from pretrain.engine import Engine
 from pretrain.engine.base import to_device
+from pretrain.faults import Faults
+from pretrain.guard import LossGuard
 from pretrain.logger import MetricsLogger
 from pretrain.optim import lr_at
+from pretrain.preempt import StopRequest
+from pretrain.samplelog import SampleLog
 
 log = logging.getLogger("tessera")
 
@@ -27,6 +36,25 @@ log = logging.getLogger("tessera")
 class Progress:
     step: int = 0  # optimizer steps completed
     samples_seen: int = 0  # samples consumed by all ranks
+    stopped_by: str | None = None  # the stop signal that ended this process early, if one did
+
+
+@dataclass
+class Session:
+    """What the loop works with; built by pretrain.train.run."""
+
+    cfg: Config
+    ctx: DistContext
+    engine: Engine
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    config_yaml: str
+    open_loader: Callable[[dict | None], object]  # a new TrainLoader at a saved position (rollbacks)
+    guard: LossGuard
+    guard_file: object  # Path of guard.json (written by rank 0)
+    stop: StopRequest = field(default_factory=StopRequest)
+    samples: SampleLog | None = None
+    faults: Faults = field(default_factory=Faults)
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -40,21 +68,16 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     random.seed(s)
 
 
-def train_loop(
-    cfg: Config,
-    ctx: DistContext,
-    engine: Engine,
-    loader,
-    logger: MetricsLogger,
-    ckpt: Checkpointer,
-    progress: Progress,
-    config_yaml: str,
-) -> Progress:
-    t = cfg.train
+def _ids(batches: list[dict]) -> list[int]:
+    return [i for b in batches for i in b["index"].tolist()]
+
+
+def train_loop(s: Session, progress: Progress, loader) -> Progress:
+    """Train from `progress` to train.max_steps (or stop_at_step, or a stop signal); closes `loader`."""
+    cfg, ctx, engine, t = s.cfg, s.ctx, s.engine, s.cfg.train
     stop = t.max_steps if t.stop_at_step is None else min(t.max_steps, t.stop_at_step)
     per_step = t.micro_batch_size * t.grad_accum_steps * ctx.world_size
     visuals = getattr(engine.module, "visuals", None)
-    batches = iter(loader)
     bar = tqdm(
         total=t.max_steps,
         initial=progress.step,
@@ -70,66 +93,137 @@ def train_loop(
             "engine": cfg.engine.backend,
             "zero_stage": cfg.engine.zero_stage,
             "precision": cfg.engine.precision,
+            "guard": s.guard.state(),
         }
-        ckpt.save(progress.step, engine, meta, {"loader": loader.state_dict()}, config_yaml)
-
-    while progress.step < stop:
-        step = progress.step + 1
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(t.grad_accum_steps)]
-        t_data = time.perf_counter() - t0
-        seed_step(cfg.seed, step, ctx.rank)
-        lr = lr_at(
+        step = progress.step
+        s.ckpt.save(
             step,
-            lr=cfg.optim.lr,
-            min_lr=cfg.optim.min_lr,
-            warmup_steps=cfg.optim.warmup_steps,
-            max_steps=t.max_steps,
-            schedule=cfg.optim.schedule,
+            engine,
+            meta,
+            {"loader": loader.state_dict()},
+            s.config_yaml,
+            before_publish=lambda: s.faults.pause_checkpoint(step),
         )
-        result = engine.train_step(micro, lr)
-        loss = ctx.all_reduce_mean(result.loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}; the last checkpoint is in {ckpt.root}")
-        progress.step, progress.samples_seen = step, progress.samples_seen + per_step
-        dt = time.perf_counter() - t0
-        metrics = {
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": result.grad_norm,
-            "samples_per_sec": per_step / dt,
-            "samples_seen": progress.samples_seen,
-            "epoch": loader.epoch,
-            "step_time": dt,
-            "data_time": t_data,
-        }
-        parts = {
-            k: v.item()
-            for k, v in result.outputs[0].items()
-            if k != "loss" and isinstance(v, torch.Tensor) and v.ndim == 0
-        }
-        logger.log(step, {**metrics, **parts})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if step % cfg.run.log_interval == 0 or step == stop:
-            log.info(
-                "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s",
-                step,
-                t.max_steps,
-                loss,
-                lr,
-                result.grad_norm,
-                per_step / dt,
-            )
-        if (
-            visuals is not None
-            and cfg.run.image_interval
-            and (step % cfg.run.image_interval == 0 or step == 1)
-        ):
+        if s.guard.record.retries:
+            s.guard.on_checkpoint()
             if ctx.is_main:
-                for name, image in visuals(to_device(micro[0], ctx.device), result.outputs[0]).items():
-                    logger.image(step, name, image)
-        if step % cfg.checkpoint.interval == 0 or step == stop:
-            save()
-    bar.close()
+                s.guard.record.write(s.guard_file)
+
+    def rollback(step: int, why: str, loss: float) -> Progress:
+        """Reload the last checkpoint (engine, loader, guard state); the bad step's batch is skipped next time."""
+        nonlocal loader
+        latest = ctx.broadcast_object(s.ckpt.latest())
+        try:
+            s.guard.on_anomaly(
+                step, why, loss, latest and latest.name
+            )  # raises TrainingDiverged past the limit
+        finally:
+            if ctx.is_main:
+                s.guard.record.write(s.guard_file)
+        log.warning(
+            "step %d: loss %r is bad (%s); rolling back to %s and skipping that batch",
+            step,
+            loss,
+            why,
+            latest,
+        )
+        s.logger.event("rollback", step=step, why=why, loss=repr(loss), to=latest.name)
+        loader.close()
+        meta, state = s.ckpt.load(latest, engine)
+        loader = s.open_loader(state["loader"])
+        s.guard.load_state(meta.get("guard"))
+        s.logger.rewind(meta["step"])
+        if s.samples is not None:
+            s.samples.start(s.samples.segment + 1, meta["step"])
+        bar.n = meta["step"]
+        return Progress(step=meta["step"], samples_seen=meta["samples_seen"])
+
+    try:
+        while progress.step < stop:
+            step = progress.step + 1
+            t0 = time.perf_counter()
+            for _ in range(s.guard.skips_at(step)):  # batches a rollback condemned: drawn, never trained on
+                dropped = [next(loader) for _ in range(t.grad_accum_steps)]
+                if s.samples is not None:
+                    s.samples.skipped(step, loader.epoch, _ids(dropped))
+            micro, epochs = [], []  # a step may straddle an epoch's end: note each micro-batch's epoch
+            for _ in range(t.grad_accum_steps):
+                micro.append(s.faults.poison(next(loader)))
+                epochs.append(loader.epoch)
+            t_data = time.perf_counter() - t0
+            seed_step(cfg.seed, step, ctx.rank)
+            lr = lr_at(
+                step,
+                lr=cfg.optim.lr,
+                min_lr=cfg.optim.min_lr,
+                warmup_steps=cfg.optim.warmup_steps,
+                max_steps=t.max_steps,
+                schedule=cfg.optim.schedule,
+            )
+            result = engine.train_step(micro, lr)
+            # one collective answers all three: the mean loss, whether any rank was asked to stop, samples skipped
+            rank_loss = s.faults.spike_loss(micro, result.loss)
+            loss_sum, stop_votes, bad_samples = ctx.all_reduce_sum(
+                [rank_loss, float(s.stop.requested), float(loader.bad_samples)]
+            )
+            loss = loss_sum / ctx.world_size
+            why = s.guard.judge(loss)
+            if why is not None:
+                progress = rollback(step, why, loss)
+                continue
+            s.guard.accept(loss)
+            progress.step, progress.samples_seen = step, progress.samples_seen + per_step
+            if s.samples is not None:
+                for epoch, batch in zip(epochs, micro):
+                    s.samples.step(step, epoch, _ids([batch]))
+            dt = time.perf_counter() - t0
+            metrics = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "samples_per_sec": per_step / dt,
+                "samples_seen": progress.samples_seen,
+                "epoch": loader.epoch,
+                "bad_samples": int(
+                    bad_samples
+                ),  # undecodable samples skipped so far, all ranks (data.bad_samples)
+                "step_time": dt,
+                "data_time": t_data,
+            }
+            parts = {
+                k: v.item()
+                for k, v in result.outputs[0].items()
+                if k != "loss" and isinstance(v, torch.Tensor) and v.ndim == 0
+            }
+            s.logger.log(step, {**metrics, **parts})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if step % cfg.run.log_interval == 0 or step == stop:
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s",
+                    step,
+                    t.max_steps,
+                    loss,
+                    lr,
+                    result.grad_norm,
+                    per_step / dt,
+                )
+            if (
+                visuals is not None
+                and cfg.run.image_interval
+                and (step % cfg.run.image_interval == 0 or step == 1)
+            ):
+                if ctx.is_main:
+                    for name, image in visuals(to_device(micro[0], ctx.device), result.outputs[0]).items():
+                        s.logger.image(step, name, image)
+            if step % cfg.checkpoint.interval == 0 or step == stop or stop_votes:
+                save()
+            if stop_votes:
+                progress.stopped_by = s.stop.signal.name if s.stop.signal else "a stop signal on another rank"
+                log.warning("stop requested (%s): checkpointed step %d, exiting", progress.stopped_by, step)
+                s.logger.event("preempted", step=step, signal=progress.stopped_by)
+                break
+    finally:
+        loader.close()
+        bar.close()
     return progress

@@ -87,6 +87,9 @@ def test_crash_mid_checkpoint_keeps_previous(tmp_path, digits_shards, monkeypatc
         ("model.kwargs.depth=3", "model:"),
         ("engine.precision=bf16", "engine.precision:"),
         ("checkpoint.resume=false", "checkpoint.resume:"),
+        ("seed=1", "seed:"),  # another sample order
+        ("data.image_size=32", "data.image_size:"),
+        ("train.micro_batch_size=8", "train.micro_batch_size:"),
     ],
 )
 def test_refusals_leave_the_run_untouched(tmp_path, digits_shards, capsys, change, key):
