@@ -39,4 +39,14 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "[setup] WARNING: no apt-get/root: dataset-fashion-mnist not installed; the demo will use sklearn digits"
   fi
 fi
+# Slurm + munge for tests/test_slurm.py (a real two-node cluster on this host, scripts/slurm-cluster.sh), which
+# needs root anyway: without them those tests skip (or fail under TESSERA_REQUIRE_SLURM=1).
+have_slurm() { command -v slurmctld >/dev/null && command -v munged >/dev/null; }
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && ! have_slurm; then
+  echo "[setup] installing Debian packages slurm-wlm munge (for tests/test_slurm.py)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q slurm-wlm munge >/dev/null 2>&1; } \
+    || echo "[setup] WARNING: could not install slurm-wlm munge; tests/test_slurm.py will skip its cluster tests"
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)' 2>/dev/null)"
