@@ -54,7 +54,7 @@ class DistContext:
         """Element-wise sum over ranks in one collective (float64 on CPU: identical on every rank)."""
         if not self.distributed:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(t)
         return t.tolist()
 

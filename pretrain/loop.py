@@ -216,9 +216,9 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
                 if ctx.is_main:
                     for name, image in visuals(to_device(micro[0], ctx.device), result.outputs[0]).items():
                         s.logger.image(step, name, image)
-            if step % cfg.checkpoint.interval == 0 or step == stop or stop_votes:
+            if step % cfg.checkpoint.interval == 0 or step == stop or stop_votes:  # stop: checkpoint first
                 save()
-            if stop_votes:
+            if stop_votes and step < stop:  # a signal during the last step: the run is done anyway
                 progress.stopped_by = s.stop.signal.name if s.stop.signal else "a stop signal on another rank"
                 log.warning("stop requested (%s): checkpointed step %d, exiting", progress.stopped_by, step)
                 s.logger.event("preempted", step=step, signal=progress.stopped_by)

@@ -101,6 +101,11 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
         raise
     guard_file = out / "guard.json"
     guard = LossGuard(cfg.guard, ctx.broadcast_object(GuardRecord.read(guard_file) if ctx.is_main else None))
+    guard.record.retries = 0  # a new launch gets guard.max_retries afresh (e.g. after lowering optim.lr)
+    if guard.record.skips:
+        log.warning(
+            "guard.json: skipping the batches condemned by earlier rollbacks at steps %s", guard.record.skips
+        )
     guard.load_state(guard_state)
     samples = None
     if cfg.run.sample_log:

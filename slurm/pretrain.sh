@@ -10,7 +10,9 @@
 # `scancel --batch --signal=USR1 JOBID` does the same by hand). The shell forwards it to every training
 # process through srun; they finish their optimizer step, write a checkpoint and exit. If the trainer reports
 # "preempted", the job requeues itself (at most MAX_REQUEUES times) and the next run resumes from that
-# checkpoint. A SIGTERM (preemption, scancel) is handled the same way.
+# checkpoint. A SIGTERM to this shell is passed on as USR1 (srun would answer a SIGTERM by killing its tasks).
+# For preemption, have Slurm warn first (PreemptParameters=send_user_signal with a GraceTime, or
+# --signal=B:USR1@T): a SIGTERM that Slurm sends to the whole step reaches srun too.
 #
 # Command-line options of sbatch override the #SBATCH lines below. logs/ must exist before sbatch (Slurm opens
 # the output file before this script runs; launch.slurm creates it).
@@ -90,7 +92,8 @@ got_signal=""
 forward() {
   got_signal="$1"
   say "got SIG$1: asking the trainer to checkpoint and stop"
-  [ -n "${srun_pid:-}" ] && kill -s "$1" "$srun_pid" 2>/dev/null
+  # always USR1 to srun: srun passes USR1 on to its tasks, but answers SIGTERM by SIGKILLing them
+  [ -n "${srun_pid:-}" ] && kill -s USR1 "$srun_pid" 2>/dev/null
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -105,6 +108,7 @@ srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --cpus
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$GRACE" \
   -m pretrain.train "$@" &
 srun_pid=$!
+[ -n "$got_signal" ] && kill -s USR1 "$srun_pid" 2>/dev/null # a signal that came before srun started
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"
 rc=$?

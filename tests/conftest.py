@@ -71,20 +71,22 @@ def launch(cmd: list[str], timeout: int = 300, env: dict | None = None) -> subpr
     return proc
 
 
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m pretrain.train ARGS` with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pretrain.train",
+        *args,
+    ]
+
+
 def torchrun(nproc: int, args: list[str], **kw) -> subprocess.CompletedProcess:
-    return launch(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "pretrain.train",
-            *args,
-        ],
-        **kw,
-    )
+    return launch(torchrun_cmd(nproc, args), **kw)
 
 
 def read_metrics(out_dir) -> list[dict]:

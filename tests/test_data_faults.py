@@ -216,6 +216,18 @@ def test_batch_of_only_bad_samples_is_replaced_by_the_next(shards):
         assert next(loader)["index"].tolist() == [16, 17, 18, 19]
 
 
+def test_batch_of_only_bad_samples_is_an_error_with_several_ranks(shards):
+    """With several ranks, the rank that skipped a whole batch would run one batch ahead of the others and meet
+    them in different collectives (a hang at the epoch's end): it stops with a named error instead."""
+    corrupt(shards, [4, 5, 6, 7], "header")
+    with deadline(60), build_train_loader(_cfg(shards, bad_samples="skip"), DistContext(), 4, 0) as loader:
+        loader.world_size = (
+            2  # the decision depends on the world size only; the partitioning is not exercised
+        )
+        message = str(_error_within(loader, 3))
+    assert "every sample of a micro-batch on rank 0 was undecodable (ids [4, 5, 6, 7])" in message, message
+
+
 def test_every_batch_bad_is_an_error_not_a_spin(shards):
     corrupt(shards, list(range(1437)), "header")
     cfg = _cfg(shards, bad_samples="skip", max_bad_samples=10**6)

@@ -24,7 +24,7 @@ from pretrain.faults import Faults
 from pretrain.preempt import EXIT_REQUEUE
 from pretrain.samplelog import SampleLog, effective_steps, epoch_counts
 from pretrain.train import main
-from tests.conftest import ROOT, read_metrics, torchrun
+from tests.conftest import ROOT, read_metrics, torchrun, torchrun_cmd
 
 CLASSIFY = str(ROOT / "configs" / "classify_tiny.yaml")
 
@@ -178,19 +178,6 @@ def start(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess
         return subprocess.Popen(
             cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full, start_new_session=True
         )
-
-
-def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "pretrain.train",
-        *args,
-    ]
 
 
 def logged_steps(out) -> int:

@@ -101,7 +101,8 @@ class Cluster:
 
     def sbatch(self, *args: str) -> str:
         """sbatch from the repository root, the job's log in base/logs; returns the job id."""
-        cmd = ["sbatch", "--parsable", f"--output={self.base / 'logs'}/%x-%j.out", *args]
+        cmd = ["sbatch", "--parsable", f"--output={self.base / 'logs'}/%x-%j.out"]
+        cmd += [f"--chdir={self.env['TESSERA_ROOT']}", *args]
         return self.run(*cmd).strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -146,15 +147,30 @@ def cluster(request) -> Iterator[Cluster]:
         pytest.skip(reason)
     base = Path(tempfile.mkdtemp(prefix="tessera-slurm-", dir="/var/tmp"))
     state = base / "cluster"
+    repo, mounted = ROOT, None
     try:
+        if ROOT.is_relative_to(
+            "/tmp"
+        ):  # jobs get a private /tmp: show them the checkout at a path outside it
+            mounted = base / "repo"
+            mounted.mkdir()
+            subprocess.run(["mount", "--bind", str(ROOT), str(mounted)], check=True)
+            repo = mounted
         started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True)
         assert started.returncode == 0, f"{CLUSTER} start failed:\n{started.stdout}\n{started.stderr}"
         shards = shutil.copytree(request.getfixturevalue("digits_shards"), base / "digits_train")
-        env = {"SLURM_CONF": str(state / "slurm.conf"), "LOG_DIR": str(base / "logs")}
+        env = {
+            "SLURM_CONF": str(state / "slurm.conf"),
+            "LOG_DIR": str(base / "logs"),
+            "TESSERA_ROOT": str(repo),
+        }
         yield Cluster(base, env, str(shards))
     finally:
         subprocess.run(["bash", str(CLUSTER), "stop", str(state)], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], capture_output=True)
+        if mounted is None or not os.path.ismount(mounted):  # never delete through a live bind mount
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def train_args(out: Path, shards: str, *sets: str) -> list[str]:

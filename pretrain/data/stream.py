@@ -326,7 +326,15 @@ class TrainLoader:
             self._bad(batch.pop("bad", []))  # raises ShardError unless skipping (and under the limit)
             if "image" in batch:
                 return batch
-            # every sample of this micro-batch was skipped: an empty batch would break the step, take the next
+            # every sample of this micro-batch was skipped: an empty batch would break the step. One rank takes
+            # the next; with several that rank would run a batch ahead of the others and, at the epoch's end,
+            # wait in streaming's node-wide barrier while they wait for it in the step's all-reduce.
+            if self.world_size > 1:
+                raise ShardError(
+                    f"data.bad_samples: every sample of a micro-batch on rank {self._bad.rank} was undecodable "
+                    f"(ids {self.last_bad_samples}); with {self.world_size} ranks the ranks cannot skip a whole "
+                    "batch and stay in step. Repair or drop the shard, or raise train.micro_batch_size"
+                )
         raise ShardError(
             f"data.bad_samples: rank {self._bad.rank} skipped every sample of more than an epoch of micro-batches "
             f"({self.bad_samples} so far); the data is corrupt throughout"
