@@ -159,6 +159,9 @@ def cluster(request) -> Iterator[Cluster]:
         started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True)
         assert started.returncode == 0, f"{CLUSTER} start failed:\n{started.stdout}\n{started.stderr}"
         shards = shutil.copytree(request.getfixturevalue("digits_shards"), base / "digits_train")
+        (
+            base / "logs"
+        ).mkdir()  # Slurm opens --output before the script runs: a missing folder, no log at all
         env = {
             "SLURM_CONF": str(state / "slurm.conf"),
             "LOG_DIR": str(base / "logs"),
@@ -222,7 +225,11 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(clu
     ref_id = cluster.sbatch("--nodes=2", "slurm/pretrain.sh", *train_args(reference, cluster.shards, *sets))
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").is_file() or len(read_metrics(out)) < 5:
-        assert time.monotonic() < deadline, cluster.log(job_id)[-4000:]
+        state = cluster.job(job_id).get("JobState")
+        assert time.monotonic() < deadline and state in ("PENDING", "RUNNING"), (
+            state,
+            cluster.log(job_id)[-4000:],
+        )
         time.sleep(0.2)
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
 
