@@ -34,7 +34,8 @@ from pretrain.engine import Engine
 log = logging.getLogger("tessera")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -191,7 +192,7 @@ class Checkpointer:
         if self.ctx.is_main:
             (tmp / "config.yaml").write_text(config_yaml)
             meta = {**meta, "step": step, "world_size": self.ctx.world_size, "saved_at": time.time()}
-            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
             _fsync_tree(tmp)
             if final.exists():  # same step saved again: move the old copy aside, never leave the step empty
                 old = final.with_name(final.name + ".old")
@@ -201,7 +202,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _write_atomic(self.root / "latest", final.name + "\n")
+            write_atomic(self.root / "latest", final.name + "\n")
             self._prune()
             log.info("checkpoint %s written in %.1fs", final, time.time() - t0)
         self.ctx.barrier()

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.checkpoint import write_atomic
 from pretrain.config import GuardConfig
 
 
@@ -38,10 +38,8 @@ class GuardRecord:
         return cls({int(k): v for k, v in data["skips"].items()}, data["retries"], data["events"])
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         data = {"skips": {str(k): v for k, v in sorted(self.skips.items())}, "retries": self.retries}
-        tmp.write_text(json.dumps({**data, "events": self.events}, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({**data, "events": self.events}, indent=1) + "\n")
 
 
 class LossGuard:

@@ -14,6 +14,8 @@ import os
 import signal
 from pathlib import Path
 
+from pretrain.checkpoint import write_atomic
+
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again later" — the sbatch script requeues the job on it
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -51,6 +53,4 @@ def write_status(status: str, step: int, sig: str | None = None, path: str | Non
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"status": status, "step": step, "signal": sig}) + "\n")
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps({"status": status, "step": step, "signal": sig}) + "\n")
