@@ -158,8 +158,14 @@ def vit_to_hf(vit: VisionTransformer):
         sd = encoder_to_hf(vit, "vit.")
         sd["classifier.weight"], sd["classifier.bias"] = vit.head.weight.detach(), vit.head.bias.detach()
     else:
-        model = ViTModel(cfg, add_pooling_layer=False)
+        # ViTModel always builds a pooler (dense + activation on the cls token), so a folder without its weights
+        # loads with `pooler.dense.*` newly initialized. An identity dense with a linear activation makes
+        # pooler_output the final-norm cls token: Tessera's pooled features (global_pool="token").
+        cfg.pooler_act = "linear"
+        model = ViTModel(cfg, add_pooling_layer=True)
         sd = encoder_to_hf(vit)
+        sd["pooler.dense.weight"] = torch.eye(vit.embed_dim)
+        sd["pooler.dense.bias"] = torch.zeros(vit.embed_dim)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
@@ -240,7 +246,8 @@ def vit_hf_outputs(hf, x: torch.Tensor) -> dict:
     out = base(pixel_values=x, output_hidden_states=True)
     grid = hf.config.image_size // hf.config.patch_size
     stages = [h[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid) for h in out.hidden_states[1:]]
-    res = {"features": out.last_hidden_state, "stages": stages, "pooled": out.last_hidden_state[:, 0]}
+    pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+    res = {"features": out.last_hidden_state, "stages": stages, "pooled": pooled}
     if base is not hf:
         res["logits"] = hf.classifier(out.last_hidden_state[:, 0])
     return res

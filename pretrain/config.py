@@ -33,6 +33,9 @@ class RunConfig:
     sample_log: bool = (
         False  # per-rank log of the sample ids of every step, under samples/ (pretrain.samplelog)
     )
+    # Peak TFLOP/s of one device, the denominator of MFU; None = the GPU's bf16 data-sheet peak
+    # (pretrain.mfu.GPU_PEAK_TFLOPS) or, on CPU, a matmul rate measured at start.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -169,6 +172,9 @@ class Config:
         need(self.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
         need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
         need(self.run.log_interval > 0, "run.log_interval", "must be > 0")
+        need(
+            self.run.peak_tflops is None or self.run.peak_tflops > 0, "run.peak_tflops", "must be > 0 (or null)"
+        )
         need(
             self.guard.spike_factor == 0 or self.guard.spike_factor > 1,
             "guard.spike_factor",

@@ -26,6 +26,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   $PIP install -q --no-deps --upgrade --target .venv/test-deps -c requirements/constraints.txt timm
   echo "$want" > "$stamp"
 fi
+# The torchvision import hook (ops/torchvision_hook.py): every Python in this venv imports torchvision's Python
+# parts, transformers' vision classes and streaming without importing Tessera first. Cheap, so always refreshed.
+.venv/bin/python ops/torchvision_hook.py install >/dev/null
 
 # Real data: Debian's dataset-fashion-mnist (31 MB). Without apt/root, runs fall back to sklearn digits.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
