@@ -86,3 +86,51 @@ def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> nn.
     if missing or unexpected:
         raise RuntimeError(f"{what}: key map mismatch (missing {missing}, unexpected {unexpected})")
     return model.eval()
+
+
+# --- grayscale models for RGB pipelines ---------------------------------------------------------------------
+# transformers' pipelines convert every image to RGB (image_utils.load_image), so a backbone trained on one
+# channel is exported with three: its first layer (a convolution in every family) gets PIL's grayscale weights
+# folded in. On an RGB image it computes what the 1-channel model computes on image.convert("L") (up to L's
+# rounding to bytes); on a gray image (R = G = B) exactly its outputs, since the weights sum to 1. The normalization
+# is the same per channel, so it folds through too. Exports mark such configs with GRAY_FROM_RGB_KEY.
+GRAY_FROM_RGB = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma: PIL's "L" conversion
+GRAY_FROM_RGB_KEY = "tessera_gray_from_rgb"
+
+
+def input_conv_key(model: nn.Module) -> str:
+    """State-dict key of the weight that first sees the image: found by building the architecture (on the meta
+    device) with another channel count and keeping the one weight whose shape follows it."""
+    h = model.hparams()
+    with torch.device("meta"):
+        probe = type(model)(**{**h, "in_chans": h["in_chans"] + 7})
+    keys = [
+        k
+        for k, v in probe.state_dict().items()
+        if v.ndim == 4 and v.shape[1] == h["in_chans"] + 7 and model.state_dict()[k].shape[1] == h["in_chans"]
+    ]
+    if len(keys) != 1:
+        raise ValueError(
+            f"{type(model).__name__}: no single input convolution to fold channels into ({keys})"
+        )
+    return keys[0]
+
+
+def _with_input_weight(model: nn.Module, in_chans: int, make) -> nn.Module:
+    key = input_conv_key(model)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd[key] = make(sd[key])
+    copy = type(model)(**{**model.hparams(), "in_chans": in_chans})
+    return load_strict(copy, sd, f"{type(model).__name__} with {in_chans} input channel(s)")
+
+
+def rgb_from_gray(model: nn.Module) -> nn.Module:
+    """A 3-channel copy of a 1-channel backbone whose first layer converts RGB to gray (see above); eval()."""
+    if model.hparams()["in_chans"] != 1:
+        raise ValueError(f"rgb_from_gray needs a 1-channel model, got in_chans={model.hparams()['in_chans']}")
+    return _with_input_weight(model, 3, lambda w: torch.cat([w * k for k in GRAY_FROM_RGB], dim=1))
+
+
+def gray_from_rgb(model: nn.Module) -> nn.Module:
+    """The inverse of rgb_from_gray: the 1-channel backbone back (its weight is the sum over the 3 inputs)."""
+    return _with_input_weight(model, 1, lambda w: w.sum(dim=1, keepdim=True))

@@ -173,7 +173,9 @@ class Config:
         need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
         need(self.run.log_interval > 0, "run.log_interval", "must be > 0")
         need(
-            self.run.peak_tflops is None or self.run.peak_tflops > 0, "run.peak_tflops", "must be > 0 (or null)"
+            self.run.peak_tflops is None or self.run.peak_tflops > 0,
+            "run.peak_tflops",
+            "must be > 0 (or null)",
         )
         need(
             self.guard.spike_factor == 0 or self.guard.spike_factor > 1,

@@ -6,6 +6,8 @@ consolidates the checkpoint (any engine, any ZeRO stage) and writes OUT_DIR load
 an MAE run gives `ViTMAEForPreTraining.from_pretrained(OUT_DIR)`, plus OUT_DIR/encoder for `ViTModel`; any other
 run exports its backbone through the family's adapter (models/hf.py): `SwinModel`, `ConvNextModel`, ... or
 `<Family>ForImageClassification` when the backbone has a classifier head. The key maps live next to the models.
+Every folder also gets the run's image processor (`preprocessor_config.json`), classifiers their class names, and
+OUT_DIR a model card (README.md) and tessera.json (pretrain/hf_files.py): `pipeline(...)` works on it offline.
 """
 
 from __future__ import annotations
@@ -21,24 +23,60 @@ import torch
 import torch.nn as nn
 import yaml
 
-from models.hf import adapter_for_arch, adapter_for_model
+from models.hf import (
+    GRAY_FROM_RGB,
+    GRAY_FROM_RGB_KEY,
+    adapter_for_arch,
+    adapter_for_model,
+    gray_from_rgb,
+    rgb_from_gray,
+)
 from models.vit_hf import decoder_from_hf, decoder_kwargs_from_hf, mae_to_hf, vit_from_hf, vit_to_hf
 from pretrain.checkpoint import find_latest, read_meta
 from pretrain.config import from_dict
+from pretrain.data.config import DataConfig
+from pretrain.hf_files import (
+    Preprocess,
+    class_names,
+    final_loss,
+    model_card,
+    set_labels,
+    write_image_processor,
+)
 from pretrain.objectives.mae import MAE, MAEConfig
 
 
-def to_hf(model: nn.Module, out_dir: str | Path) -> nn.Module:
+def to_hf(
+    model: nn.Module, out_dir: str | Path, data: DataConfig | None = None, labels: list[str] | None = None
+) -> nn.Module:
     """Write the HF folder for a Tessera model (an MAE objective, another objective's backbone, or a bare
-    backbone); return the HF model."""
+    backbone); return the HF model. With the run's `data` config, the folder also gets the image processor that
+    repeats its eval preprocessing; `labels` name a classifier's outputs (config id2label)."""
     out = Path(out_dir)
-    if isinstance(model, MAE):
+    pre = None if data is None else Preprocess.from_data(data)
+    backbone = getattr(model, "backbone", model)  # objectives hold theirs as .backbone
+
+    def for_pipelines(net: nn.Module) -> tuple[nn.Module, Preprocess | None]:
+        """Pipelines feed RGB: a grayscale run's backbone takes 3 channels (models.hf.rgb_from_gray)."""
+        if pre is None or pre.channels != 1:
+            return net, pre
+        return rgb_from_gray(net), pre.rgb()
+
+    if isinstance(model, MAE):  # the pretraining model keeps its channels; the encoder is for pipelines
         hf = mae_to_hf(model.backbone, model.decoder, model.cfg.mask_ratio, model.cfg.norm_pix_loss)
-        vit_to_hf(model.backbone).save_pretrained(out / "encoder", safe_serialization=True)
+        encoder, enc_pre = for_pipelines(backbone)
+        folders = {out: (hf, pre), out / "encoder": (vit_to_hf(encoder), enc_pre)}
     else:
-        backbone = getattr(model, "backbone", model)  # objectives hold theirs as .backbone
-        hf = adapter_for_model(backbone).to_hf(backbone)
-    hf.save_pretrained(out, safe_serialization=True)
+        net, net_pre = for_pipelines(backbone)
+        hf = adapter_for_model(net).to_hf(net)
+        folders = {out: (hf, net_pre)}
+    for folder, (hf_model, folder_pre) in folders.items():
+        set_labels(hf_model, labels)
+        if folder_pre is not None and folder_pre.gray_from_rgb:
+            setattr(hf_model.config, GRAY_FROM_RGB_KEY, list(GRAY_FROM_RGB))  # from_hf folds it back
+        hf_model.save_pretrained(folder, safe_serialization=True)
+        if folder_pre is not None:
+            write_image_processor(folder, folder_pre)
     return hf
 
 
@@ -75,7 +113,10 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
         adapter = adapter_for_arch(arch)
     except ValueError as e:
         raise ValueError(f"{hf_dir}: {e}") from e
-    return adapter.from_hf(sd, config).eval()
+    model = adapter.from_hf(sd, config).eval()
+    if getattr(config, GRAY_FROM_RGB_KEY, None):  # exported from a grayscale run: give its 1 channel back
+        model = gray_from_rgb(model)
+    return model
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -90,8 +131,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint")
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """(model with consolidated fp32 weights, meta) from a run directory or checkpoint folder."""
+def load_checkpoint_model(path: str | Path, with_config: bool = False):
+    """(model with consolidated fp32 weights, meta) from a run directory or checkpoint folder; with
+    `with_config`, (model, meta, the run's Config)."""
     from pretrain.build import build_model
     from pretrain.engine import consolidated_state_dict
 
@@ -105,7 +147,8 @@ def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
         raise RuntimeError(
             f"{folder}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})"
         )
-    return model.float().eval(), {**meta, "checkpoint": str(folder), "data": dataclasses.asdict(cfg.data)}
+    meta = {**meta, "checkpoint": str(folder), "data": dataclasses.asdict(cfg.data)}
+    return (model.float().eval(), meta, cfg) if with_config else (model.float().eval(), meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,14 +168,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         shutil.rmtree(out)
     try:
-        model, meta = load_checkpoint_model(args.checkpoint)
+        model, meta, cfg = load_checkpoint_model(args.checkpoint, with_config=True)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    labels = class_names(meta["data"], meta)
     with torch.no_grad():
-        hf = to_hf(model, args.out_dir)
-    (Path(args.out_dir) / "tessera.json").write_text(json.dumps(meta, indent=1))
-    print(f"exported {meta['checkpoint']} (step {meta['step']}) as {type(hf).__name__} to {args.out_dir}")
+        hf = to_hf(model, out, data=cfg.data, labels=labels)
+    labelled = set_labels(hf, labels)  # (to_hf named them already: this says whether they fit)
+    pre = Preprocess.from_data(cfg.data)
+    if pre.channels == 1 and not isinstance(model, MAE):
+        pre = pre.rgb()  # what to_hf exported (the MAE pretraining folder keeps its channel)
+    card = model_card(cfg, meta, hf, str(out), pre, labelled, final_loss(meta))
+    (out / "README.md").write_text(card)
+    (out / "tessera.json").write_text(json.dumps(meta, indent=1))
+    print(f"exported {meta['checkpoint']} (step {meta['step']}) as {type(hf).__name__} to {out}")
     return 0
 
 

@@ -25,6 +25,7 @@ from pretrain.engine.base import to_device
 from pretrain.faults import Faults
 from pretrain.guard import LossGuard
 from pretrain.logger import MetricsLogger
+from pretrain.mfu import Throughput
 from pretrain.optim import lr_at
 from pretrain.preempt import StopRequest
 from pretrain.samplelog import SampleLog
@@ -37,6 +38,7 @@ class Progress:
     step: int = 0  # optimizer steps completed
     samples_seen: int = 0  # samples consumed by all ranks
     stopped_by: str | None = None  # the stop signal that ended this process early, if one did
+    loss: float | None = None  # the last step's loss (all ranks' mean), recorded in checkpoints
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Session:
     stop: StopRequest = field(default_factory=StopRequest)
     samples: SampleLog | None = None
     faults: Faults = field(default_factory=Faults)
+    throughput: Throughput | None = None  # FLOPs and tokens per sample, peak FLOP/s: tokens/s, TFLOP/s, MFU
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -94,6 +97,8 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
             "zero_stage": cfg.engine.zero_stage,
             "precision": cfg.engine.precision,
             "guard": s.guard.state(),
+            "loss": progress.loss,  # for the export's model card
+            "classes": getattr(loader, "classes", None),  # the dataset's class names, likewise
         }
         step = progress.step
         s.ckpt.save(
@@ -136,7 +141,7 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
         if s.samples is not None:
             s.samples.start(s.samples.segment + 1, meta["step"])
         bar.n = meta["step"]
-        return Progress(step=meta["step"], samples_seen=meta["samples_seen"])
+        return Progress(step=meta["step"], samples_seen=meta["samples_seen"], loss=meta.get("loss"))
 
     try:
         while progress.step < stop:
@@ -173,6 +178,7 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
                 continue
             s.guard.accept(loss)
             progress.step, progress.samples_seen = step, progress.samples_seen + per_step
+            progress.loss = loss
             if s.samples is not None:
                 for epoch, batch in zip(epochs, micro):
                     s.samples.step(step, epoch, _ids([batch]))
@@ -190,6 +196,8 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
                 "step_time": dt,
                 "data_time": t_data,
             }
+            if s.throughput is not None:  # tokens_per_sec, tflops (achieved, all ranks), mfu
+                metrics.update(s.throughput.step_metrics(per_step, dt))
             parts = {
                 k: v.item()
                 for k, v in result.outputs[0].items()
@@ -197,16 +205,20 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
             }
             s.logger.log(step, {**metrics, **parts})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            bar.set_postfix_str(
+                f"loss={loss:.4f}, lr={lr:.2e}{mfu.replace(' mfu ', ', mfu=')}", refresh=False
+            )
             if step % cfg.run.log_interval == 0 or step == stop:
                 log.info(
-                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s",
+                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f samples/s%s",
                     step,
                     t.max_steps,
                     loss,
                     lr,
                     result.grad_norm,
                     per_step / dt,
+                    mfu,
                 )
             if (
                 visuals is not None

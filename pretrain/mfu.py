@@ -18,7 +18,7 @@ import logging
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
 log = logging.getLogger("tessera")
 
@@ -53,12 +53,34 @@ def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
     return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)  # dQ, dK, dV, dP: twice the forward
 
 
+def _conv_backward_flop(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _out_pad,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
+    """Each of a convolution's two gradients (input, weight) costs what its forward costs. (torch's own formula
+    ignores `groups` for the weight gradient, counting a depthwise conv's C-fold: ConvNeXt's dwconv 7x7.)"""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)  # w_shape holds C_in / groups
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 # The CPU flash kernel, which torch's counter does not know, for a count taken on a CPU device. Its backward counts
 # the model's four matmuls, not the kernel's recomputed scores (torch's formula for the CUDA kernels counts five):
 # MFU counts the model's FLOPs, as the meta device's decomposed attention does.
 _EXTRA_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flop,
+    aten.convolution_backward: _conv_backward_flop,
 }
 
 
@@ -89,7 +111,10 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 
 def measure_matmul_tflops(
-    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seconds: float = 0.3, n: int = 1024
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seconds: float = 0.3,
+    n: int = 1024,
 ) -> float:
     """Achieved TFLOP/s of square (n x n) matmuls for about `seconds`, on this process's threads."""
     a = torch.randn(n, n, device=device).to(dtype)
@@ -105,7 +130,9 @@ def measure_matmul_tflops(
     return 2 * n**3 * count / elapsed / 1e12
 
 
-def device_peak_tflops(device: torch.device, precision: str, override: float | None = None) -> tuple[float, str]:
+def device_peak_tflops(
+    device: torch.device, precision: str, override: float | None = None
+) -> tuple[float, str]:
     """(peak TFLOP/s of one device, where the number comes from)."""
     if override is not None:
         return override, "run.peak_tflops"
@@ -117,7 +144,10 @@ def device_peak_tflops(device: torch.device, precision: str, override: float | N
         return tflops, f"{name}, bf16 dense data-sheet peak"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tflops = measure_matmul_tflops(dtype, device)
-    return tflops, f"measured {str(dtype).split('.')[-1]} matmul rate on {torch.get_num_threads()} CPU thread(s)"
+    return (
+        tflops,
+        f"measured {str(dtype).split('.')[-1]} matmul rate on {torch.get_num_threads()} CPU thread(s)",
+    )
 
 
 @dataclasses.dataclass
@@ -163,12 +193,19 @@ def build_throughput(cfg, ctx, module: torch.nn.Module) -> Throughput:
     if peak is not None:
         total_peak = ctx.all_reduce_sum([peak * 1e12])[0]
     log.info(
-        "throughput accounting: %s model FLOPs per sample (train step), %d tokens per sample; peak %s "
-        "per device (%s), %s in all",
-        "?" if flops is None else f"{flops / 1e9:.3f} G",
+        "MFU accounting: %s model FLOPs per sample (forward + backward), %d tokens per sample; peak %s per "
+        "device (%s), %s in all",
+        "?" if flops is None else _si(flops, ""),
         tokens,
-        "?" if peak is None else f"{peak:.3f} TFLOP/s",
+        "?" if peak is None else _si(peak * 1e12, "/s"),
         source,
-        "?" if total_peak is None else f"{total_peak / 1e12:.3f} TFLOP/s",
+        "?" if total_peak is None else _si(total_peak, "/s"),
     )
     return Throughput(flops, tokens, total_peak)
+
+
+def _si(flops: float, suffix: str) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.3f} {unit}FLOP{suffix}"
+    return f"{flops:.0f} FLOP{suffix}"

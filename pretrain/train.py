@@ -38,6 +38,7 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
     from pretrain.build import build_model, count_params
     from pretrain.data import build_train_loader
     from pretrain.engine import build_engine
+    from pretrain.mfu import build_throughput
 
     log = setup_logging(ctx)
     out = Path(cfg.run.output_dir)
@@ -69,7 +70,8 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
 
     loader = open_loader(None)  # data errors first, before the model is built
     try:
-        engine = build_engine(build_model(cfg), cfg, ctx)
+        model = build_model(cfg)
+        engine = build_engine(model, cfg, ctx)
         log.info(
             "world_size=%d launcher=%s device=%s engine=%s",
             ctx.world_size,
@@ -87,11 +89,12 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
         )
         for note in notes:
             log.info("set by the launcher: %s", note)
+        throughput = build_throughput(cfg, ctx, model)
         progress, guard_state = Progress(), None
         if latest is not None:
             meta, state = ckpt.load(latest, engine)
             loader.load_state_dict(state["loader"])
-            progress = Progress(step=meta["step"], samples_seen=meta["samples_seen"])
+            progress = Progress(step=meta["step"], samples_seen=meta["samples_seen"], loss=meta.get("loss"))
             guard_state = meta.get("guard")
             log.info(
                 "resumed from %s at step %d (%d samples seen)", latest, progress.step, progress.samples_seen
@@ -116,6 +119,7 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
     session = Session(
         cfg, ctx, engine, ckpt, logger, config_yaml, open_loader, guard, guard_file, stop, samples, faults
     )
+    session.throughput = throughput
     try:
         progress = train_loop(session, progress, loader)
     finally:

@@ -33,9 +33,10 @@ def test_every_family_is_covered():
     )
 
 
-def assert_parity(model, hf, adapter, x, atol):
+def assert_parity(model, hf, adapter, x, atol, hf_x=None):
+    """The HF model's outputs on `hf_x` (default: `x`) equal Tessera's on `x`."""
     with torch.no_grad():
-        theirs = adapter.hf_outputs(hf, x)
+        theirs = adapter.hf_outputs(hf, x if hf_x is None else hf_x)
         feats = model.forward_features(x)
         torch.testing.assert_close(theirs["features"], feats, atol=atol, rtol=0)
         stages = model.forward_intermediates(x)
@@ -61,7 +62,12 @@ def test_export_loads_with_transformers_and_matches(tmp_path, family, name, num_
     # a head exports as <Family>ForImageClassification; without one as <Family>Model, except where the HF base
     # model drops weights Tessera trains (PoolFormerModel has no final norm: see models/poolformer_hf.py)
     assert arch in adapter.archs and (arch.endswith("ForImageClassification") or not num_classes)
-    hf = getattr(tf, arch).from_pretrained(tmp_path).eval()
+    hf, info = getattr(tf, arch).from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched key in the class exported
+    if not num_classes and family != "poolformer":  # and in AutoModel (what feature-extraction pipelines use)
+        _, info = tf.AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+        assert not any(info.values()), info
+    hf = hf.eval()
     other = [] if getattr(model, "fixed_input_size", False) else [(1, size + 4, size - 4)]
     for shape in [(2, size, size), *other]:  # native size, and another one where the family allows
         x = torch.randn(shape[0], model.hparams()["in_chans"], *shape[1:])
@@ -97,12 +103,19 @@ def test_trained_checkpoint_exports_through_the_cli(tmp_path, digits_shards, fam
     arch = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"][0]
     assert arch.endswith("ForImageClassification")
     hf = getattr(tf, arch).from_pretrained(tmp_path / "hf").eval()
+    # a grayscale run exports a model taking RGB (pipelines convert every image to RGB): on a gray image given
+    # as R = G = B it computes exactly what the 1-channel model computes
+    assert hf.config.num_channels == 3 and hf.config.tessera_gray_from_rgb == [0.299, 0.587, 0.114]
     x = torch.randn(2, 1, 32, 32)
-    assert_parity(backbone, hf, HF_ADAPTERS.get(family), x, atol=1e-5)
+    rgb = x.expand(-1, 3, -1, -1)
+    assert_parity(backbone, hf, HF_ADAPTERS.get(family), x, atol=1e-5, hf_x=rgb)
     base = getattr(tf, adapter_base(arch)).from_pretrained(tmp_path / "hf").eval()  # the bare model loads too
     with torch.no_grad():  # ... with the same features
-        theirs = HF_ADAPTERS.get(family).hf_outputs(base, x)["features"]
+        theirs = HF_ADAPTERS.get(family).hf_outputs(base, rgb)["features"]
         torch.testing.assert_close(theirs, backbone.forward_features(x), atol=1e-5, rtol=0)
+        back = export.from_hf(tmp_path / "hf")  # and import gives the 1-channel model back
+        assert back.hparams()["in_chans"] == 1
+        torch.testing.assert_close(back(x), backbone(x), atol=1e-5, rtol=0)
 
 
 def adapter_base(arch: str) -> str:

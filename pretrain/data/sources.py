@@ -106,6 +106,21 @@ class FashionMNIST(ImageSource):
     std = (0.3530,)
     image_size = 28
     splits = ("train", "test")
+    CLASSES = (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    )
+
+    def class_names(self, split: str, source: str | None = None) -> list[str]:
+        return list(self.CLASSES)
 
     def count(self, split: str, source: str | None = None) -> int:
         path = _idx_path(source or FASHION_MNIST_DIR, split, "labels-idx1")
@@ -146,6 +161,9 @@ class Digits(ImageSource):
     def _indices(self, split: str) -> np.ndarray:
         perm = np.random.default_rng(0).permutation(1797)
         return np.sort(perm[: self.num_train] if split == "train" else perm[self.num_train :])
+
+    def class_names(self, split: str, source: str | None = None) -> list[str]:
+        return [str(d) for d in range(10)]
 
     def count(self, split: str, source: str | None = None) -> int:
         return len(self._indices(split))

@@ -19,7 +19,7 @@ import torch
 from pretrain.data import robust
 from pretrain.data.compat import import_streaming
 from pretrain.data.config import DataConfig, config_error
-from pretrain.data.mds import ShardError
+from pretrain.data.mds import ShardError, read_meta
 from pretrain.data.prepare import ensure_shards
 from pretrain.data.shm import clean_stale_segments
 from pretrain.data.sources import get_dataset
@@ -286,6 +286,7 @@ class TrainLoader:
         self._batch_in_epoch = 0
         self._samples_seen = 0
         self._closed = False
+        self.classes: list[str] | None = None  # the dataset's class names (shard metadata), for exports
 
     @property
     def epoch(self) -> int:
@@ -502,6 +503,8 @@ def build_train_loader(
         rank=ctx.rank,
         grad_accum_steps=grad_accum_steps,
     )
+    shard_meta = read_meta(os.path.abspath(cfg.remote or local)) or {}
+    train_loader.classes = shard_meta.get("classes") or info.class_names(cfg.split, cfg.source)
     if train_loader.batches_per_epoch == 0:
         train_loader.close()
         raise config_error(

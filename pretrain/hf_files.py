@@ -1,0 +1,235 @@
+"""What an exported Hugging Face folder holds besides weights: the image processor that repeats the run's own
+eval preprocessing, class names for classifiers, and a model card written from the run's own numbers.
+
+With these, `AutoImageProcessor.from_pretrained(OUT)`, `pipeline("image-feature-extraction", model=OUT)` and
+(for classifiers) `pipeline("image-classification", model=OUT)` work offline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+from models.hf import GRAY_FROM_RGB
+from pretrain.data.config import DataConfig
+from pretrain.data.sources import get_dataset
+
+PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as transformers stores `resample`
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Tessera's eval transform (pretrain.data.transforms.ImageTransform, augment off): the image converted to
+    the dataset's mode (L or RGB), resized to size x size (bilinear, antialiased; no crop, aspect not kept),
+    scaled to [0, 1], normalized per channel."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    gray_from_rgb: bool = False  # a grayscale run's model taking RGB (models.hf.rgb_from_gray)
+
+    @classmethod
+    def from_data(cls, data: DataConfig) -> Preprocess:
+        info = get_dataset(data.dataset)
+        return cls(data.image_size, info.channels, tuple(data.mean or info.mean), tuple(data.std or info.std))
+
+    def rgb(self) -> Preprocess:
+        """The same transform for a grayscale run's model converted to take RGB: every channel normalized alike."""
+        return Preprocess(self.image_size, 3, self.mean * 3, self.std * 3, gray_from_rgb=True)
+
+    def describe(self) -> str:
+        if self.gray_from_rgb:
+            mode = (
+                "RGB (a gray image is taken as R = G = B); the model's first layer converts to grayscale with "
+                f"PIL's weights {list(GRAY_FROM_RGB)}, as the run's data was"
+            )
+        else:
+            mode = "grayscale (1 channel, PIL mode `L`)" if self.channels == 1 else "RGB (3 channels)"
+        return (
+            f"{mode}, resized to {self.image_size}x{self.image_size} (bilinear), scaled to [0, 1], "
+            f"normalized with mean {list(self.mean[:1] if self.gray_from_rgb else self.mean)} and std "
+            f"{list(self.std[:1] if self.gray_from_rgb else self.std)}"
+        )
+
+
+def write_image_processor(folder: Path, pre: Preprocess):
+    """preprocessor_config.json for transformers' ViT image processor (every family: it does exactly this
+    transform). The torchvision-backed ("fast") class: transformers 4.57's PIL one cannot read grayscale images,
+    and transformers 5 loads this name as its default class."""
+    from ops.compat import import_transformers
+
+    processor = import_transformers().ViTImageProcessorFast(
+        do_resize=True,
+        size={"height": pre.image_size, "width": pre.image_size},
+        resample=PIL_BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(pre.mean),
+        image_std=list(pre.std),
+        do_convert_rgb=pre.channels == 3,  # RGBA / gray inputs become RGB, as Tessera's converter does
+    )
+    processor.save_pretrained(str(folder))
+    return processor
+
+
+def set_labels(hf_model: nn.Module, labels: list[str] | None) -> bool:
+    """Name a classifier's outputs (config id2label / label2id). False when it has none or the names don't fit."""
+    n = getattr(hf_model.config, "num_labels", 0)
+    if not labels or not hf_model.__class__.__name__.endswith("ForImageClassification") or len(labels) != n:
+        return False
+    hf_model.config.id2label = dict(enumerate(labels))
+    hf_model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return True
+
+
+def class_names(data: dict, meta: dict) -> list[str] | None:
+    """The run's class names: recorded in the checkpoint at training time, else the dataset's own."""
+    if meta.get("classes"):
+        return list(meta["classes"])
+    try:
+        return get_dataset(data["dataset"]).class_names(data.get("split", "train"), data.get("source"))
+    except Exception:  # a source folder that is gone, an unregistered dataset: the names are optional
+        return None
+
+
+def final_loss(meta: dict) -> float | None:
+    """The loss of the checkpoint's step: in its meta (since it was recorded there), else the run's metrics."""
+    if meta.get("loss") is not None:
+        return float(meta["loss"])
+    metrics = Path(meta["checkpoint"]).parent.parent / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step") == meta["step"]:
+                return float(row["loss"])
+    return None
+
+
+# --- model card ------------------------------------------------------------------------------------------
+
+
+def _loading(arch: str, out: str, mae: bool, pipeline_task: str, gray: bool) -> str:
+    image = 'Image.open("image.png")'
+    if mae:
+        return f"""```python
+from PIL import Image
+from transformers import ViTMAEForPreTraining, ViTModel, pipeline
+
+mae = ViTMAEForPreTraining.from_pretrained("{out}")         # encoder + decoder, as pretrained
+encoder = ViTModel.from_pretrained("{out}/encoder")         # the encoder alone (no missing or unexpected keys)
+extract = pipeline("image-feature-extraction", model="{out}/encoder")
+features = extract({image})  # [1][1 + patches][hidden]: the final-norm tokens, cls first
+```
+`pipeline(..., pool=True)` returns the cls token (the encoder's pooler is the identity).""" + (
+            "\n\nThe pretraining model takes what the run trained on: 1-channel `pixel_values` (its processor "
+            "reads PIL images in mode `L`). The encoder folder takes RGB, as pipelines give it: see the input row."
+            if gray
+            else ""
+        )
+    lines = [
+        "```python",
+        "from PIL import Image",
+        f"from transformers import {arch}, pipeline",
+        "",
+        f'model = {arch}.from_pretrained("{out}")  # loads with no missing or unexpected keys',
+    ]
+    if pipeline_task == "image-classification":
+        lines += [f'classify = pipeline("image-classification", model="{out}")', f"print(classify({image}))"]
+    else:
+        lines += [
+            f'extract = pipeline("image-feature-extraction", model="{out}")',
+            f"features = extract({image})",
+        ]
+    lines.append("```")
+    text = "\n".join(lines)
+    if arch.startswith("PoolFormer"):
+        text += (
+            f"\n\nPoolFormer exports always use `{arch}`: transformers' `PoolFormerModel` has no final norm, so it "
+            "(and `AutoModel`, which the feature-extraction pipeline uses) loads this folder with `norm.*` (and "
+            "`classifier.*`) reported as unused; its `last_hidden_state` is still the same features."
+        )
+    return text
+
+
+def model_card(
+    cfg,
+    meta: dict,
+    hf_model: nn.Module,
+    out_dir: str,
+    pre: Preprocess,
+    labels_set: bool,
+    loss: float | None,
+) -> str:
+    """README.md of an export: what was trained and how to load it, every number read from the run."""
+    from pretrain.objectives import objective_name
+
+    arch = type(hf_model).__name__
+    mae = arch == "ViTMAEForPreTraining"
+    gray_run = pre.channels == 1 or pre.gray_from_rgb
+    if mae and pre.channels == 1:
+        pre_text = f"{pre.describe()}; `encoder/`: {pre.rgb().describe()}"
+    else:
+        pre_text = pre.describe()
+    task = pipeline_task(hf_model)
+    objective = objective_name(cfg.objective)
+    obj_args = ", ".join(f"{k}={v}" for k, v in vars(cfg.objective).items())
+    n_params = sum(p.numel() for p in hf_model.parameters())
+    data = cfg.data
+    total = get_dataset(data.dataset).count(data.split, data.source) if data.max_samples is None else None
+    count = data.max_samples or total
+    epochs = f" (about {meta['samples_seen'] / count:.2f} epochs of {count:,} samples)" if count else ""
+    loss_text = f"{loss:.4f} at step {meta['step']}" if loss is not None else "not recorded"
+    batch = meta["samples_seen"] // meta["step"] if meta.get("step") else None
+    folders = f"`{out_dir}` ({arch})" + (f" and `{out_dir}/encoder` (ViTModel)" if mae else "")
+    labels_line = ""
+    if task == "image-classification":
+        names = list(hf_model.config.id2label.values())
+        where = "" if labels_set else " (the run's dataset has no class names)"
+        labels_line = f"| classes | {len(names)}{where}: {', '.join(names)} |\n"
+    return f"""---
+library_name: transformers
+pipeline_tag: {task}
+tags:
+- tessera
+- {objective}
+- {cfg.model.name}
+---
+
+# {cfg.model.name} ({objective}) trained with Tessera
+
+| | |
+|---|---|
+| model | `{cfg.model.name}` ({n_params / 1e6:.2f}M parameters as exported), as {folders} |
+| objective | `{objective}` ({obj_args}) |
+| data | `{data.dataset}`, split `{data.split}`{epochs} |
+| input | {pre_text}: `preprocessor_config.json` does this |
+{labels_line}| training | {meta["step"]:,} optimizer steps, {meta["samples_seen"]:,} samples seen{f", {batch:,} per step" if batch else ""}, {meta.get("world_size", 1)} rank(s), engine `{meta.get("engine")}` ZeRO-{meta.get("zero_stage", 0)} {meta.get("precision")} |
+| final loss | {loss_text} |
+| checkpoint | `{meta["checkpoint"]}` |
+
+## How to load
+
+{_loading(arch, out_dir, mae, task, gray_run)}
+
+Exported by `python -m pretrain.export`; `tessera.json` holds the checkpoint's metadata and the run's data
+config. Outputs equal Tessera's own to 1e-5 in fp32 (tests/test_hf_parity.py).
+"""
+
+
+def pipeline_task(hf_model: nn.Module) -> str:
+    """The transformers pipeline an exported model serves: a classifier (a head with outputs; PoolFormer exports
+    its headless backbones as a classification model with no labels) or a feature extractor."""
+    is_classifier = type(hf_model).__name__.endswith("ForImageClassification")
+    return (
+        "image-classification"
+        if is_classifier and hf_model.config.num_labels > 0
+        else "image-feature-extraction"
+    )
