@@ -133,15 +133,17 @@ def test_peaks_and_step_metrics():
     assert mfu.Throughput(None, 49, 1e12).step_metrics(10, 1.0) == {"tokens_per_sec": 490.0}
 
 
-def test_a_run_logs_throughput_and_mfu(tmp_path, digits_shards):
-    """metrics.jsonl carries tokens/s, achieved TFLOP/s and MFU, consistent with samples/s and the counts."""
+def test_a_run_logs_throughput_and_mfu(tmp_path, digits_shards, capsys):
+    """metrics.jsonl carries tokens/s, achieved TFLOP/s and MFU, consistent with samples/s and the counts; the
+    progress bar shows MFU."""
     run = tmp_path / "run"
     args = [
         CLASSIFY,
         *("--set", f"run.output_dir={run}", "--set", f"data.local={digits_shards}"),
-        *("--set", "run.progress=false", "--set", "train.max_steps=3", "--set", "run.peak_tflops=0.5"),
+        *("--set", "run.progress=true", "--set", "train.max_steps=3", "--set", "run.peak_tflops=0.5"),
     ]
     assert main(args) == 0
+    assert "mfu=" in capsys.readouterr().err  # the bar's last state, printed when it closes
     cfg = load_config(CLASSIFY, ["run.peak_tflops=0.5"])
     flops = mfu.train_flops_per_sample(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
