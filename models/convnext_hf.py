@@ -120,32 +120,71 @@ def convnext_to_hf(model: ConvNeXt):
     return load_strict(hf, sd, f"convnext_to_hf ({type(model).__name__} -> {type(hf).__name__})")
 
 
-def convnext_from_hf(hf: dict[str, torch.Tensor], cfg, v2: bool) -> ConvNeXt:
-    """A ConvNeXt (V2) from a ConvNextModel / ConvNextForImageClassification (V2) state dict and config."""
-    what = "ConvNextV2Config" if v2 else "ConvNextConfig"
-    if cfg.hidden_act != "gelu":
-        raise ValueError(
-            f"{what}.hidden_act {cfg.hidden_act!r} is not supported (Tessera's ConvNeXt uses GELU)"
+EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
+
+
+def _reject(cfg, field: str, why: str):
+    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r}: {why}")
+
+
+def convnext_kwargs_from_hf(cfg, v2: bool) -> dict:
+    """ConvNeXt (V2) arguments of a ConvNextConfig / ConvNextV2Config, reading what transformers' model reads;
+    ValueError naming the field Tessera's ConvNeXt cannot represent.
+
+    transformers builds num_stages stages from the first num_stages entries of depths and hidden_sizes (longer
+    lists are fine) and sizes its final LayerNorm and classifier by hidden_sizes[-1]. It never reads image_size,
+    so any (height, width) is accepted (Tessera keeps the height as its nominal img_size; every input size runs
+    either way); a layer_scale_init_value <= 0 means no layer scale (V1; V2 has none). drop_path_rate is
+    training only, out_features / out_indices (ConvNextBackbone) change no output."""
+    if cfg.hidden_act not in EXACT_GELU:
+        _reject(cfg, "hidden_act", "Tessera's ConvNeXt uses the exact GELU ('gelu')")
+    n = cfg.num_stages
+    if not 1 <= n <= min(len(cfg.depths), len(cfg.hidden_sizes)):
+        _reject(
+            cfg,
+            "num_stages",
+            f"needs 1 to len(depths) {len(cfg.depths)} / len(hidden_sizes) {len(cfg.hidden_sizes)} stages",
         )
-    if not cfg.num_stages == len(cfg.depths) == len(cfg.hidden_sizes):
-        raise ValueError(
-            f"{what}.num_stages {cfg.num_stages} must equal len(depths) {len(cfg.depths)} and "
-            f"len(hidden_sizes) {len(cfg.hidden_sizes)}"
+    if cfg.hidden_sizes[-1] != cfg.hidden_sizes[n - 1]:  # transformers cannot run it either
+        _reject(
+            cfg,
+            "hidden_sizes",
+            f"the final LayerNorm takes hidden_sizes[-1] channels, the last of num_stages={n} stages gives "
+            f"hidden_sizes[{n - 1}]",
         )
-    base = backbone_state(hf, "convnextv2." if v2 else "convnext.")
+    patch = cfg.patch_size
+    if isinstance(patch, (list, tuple)):
+        if not (len(patch) == 2 and patch[0] == patch[1]):
+            _reject(cfg, "patch_size", "Tessera's ConvNeXt stem takes a square patch (one int)")
+        patch = patch[0]
+    size = cfg.image_size
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            _reject(cfg, "image_size", "expected an int or (height, width)")
+        size = size[0]
+    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
+        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
     kw = dict(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
+        img_size=int(size),
+        patch_size=int(patch),
         in_chans=cfg.num_channels,
-        depths=tuple(cfg.depths),
-        dims=tuple(cfg.hidden_sizes),
-        num_classes=hf["classifier.weight"].shape[0] if "classifier.weight" in hf else 0,
+        depths=tuple(int(d) for d in cfg.depths[:n]),
+        dims=tuple(int(d) for d in cfg.hidden_sizes[:n]),
         drop_path_rate=float(cfg.drop_path_rate),
         head_norm_eps=float(cfg.layer_norm_eps),
     )
-    model = (
-        ConvNeXtV2(**kw) if v2 else ConvNeXt(**kw, layer_scale_init_value=float(cfg.layer_scale_init_value))
-    )
+    if not v2:
+        kw["layer_scale_init_value"] = float(cfg.layer_scale_init_value)
+    return kw
+
+
+def convnext_from_hf(hf: dict[str, torch.Tensor], cfg, v2: bool) -> ConvNeXt:
+    """A ConvNeXt (V2) from a ConvNextModel / ConvNextForImageClassification (V2) state dict and config."""
+    what = "ConvNextV2Config" if v2 else "ConvNextConfig"
+    kw = convnext_kwargs_from_hf(cfg, v2)
+    base = backbone_state(hf, "convnextv2." if v2 else "convnext.")
+    num_classes = hf["classifier.weight"].shape[0] if "classifier.weight" in hf else 0
+    model = (ConvNeXtV2 if v2 else ConvNeXt)(**kw, num_classes=num_classes)
     sd = {_rename(k, _RENAMES_BACK): v for k, v in base.items()}
     sd = {k: v.reshape(-1) if _is_grn(k) else v for k, v in sd.items()}
     if "classifier.weight" in hf:

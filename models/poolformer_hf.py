@@ -94,42 +94,83 @@ def poolformer_to_hf(model: PoolFormer):
     return load_strict(hf, {k: v.contiguous() for k, v in out.items()}, "poolformer_to_hf")
 
 
-def _check_config(cfg) -> None:
+EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
+
+
+def _reject(cfg, field: str, why: str):
+    raise ValueError(f"PoolFormerConfig.{field}={getattr(cfg, field)!r}: {why}")
+
+
+def _entries(cfg, field: str, n: int) -> list:
+    """The first n entries of a per-stage conv list, a pair of equal ints read as that int (transformers'
+    PoolFormerEmbeddings takes an int or a pair for each)."""
+    return [
+        v[0] if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] else v
+        for v in getattr(cfg, field)[:n]
+    ]
+
+
+def poolformer_kwargs_from_hf(cfg, classifier: bool) -> dict:
+    """PoolFormer arguments of a PoolFormerConfig, reading what transformers' PoolFormer reads; ValueError naming
+    the field Tessera's PoolFormer cannot represent.
+
+    transformers builds num_encoder_blocks stages from the first num_encoder_blocks entries of depths,
+    hidden_sizes, patch_sizes, strides and padding (longer lists are fine); PoolFormerForImageClassification
+    (`classifier`) sizes its final norm and classifier by hidden_sizes[-1]. patch_size and stride (singular)
+    are never read; image_size is not a PoolFormerConfig field (Tessera's export keeps its nominal size
+    there). drop_path_rate is training only."""
+    if cfg.hidden_act not in EXACT_GELU:
+        _reject(cfg, "hidden_act", "Tessera's PoolFormer uses the exact GELU ('gelu')")
     n = cfg.num_encoder_blocks
-    if cfg.hidden_act != "gelu":
-        raise ValueError(
-            f"hidden_act {cfg.hidden_act!r} is not supported (Tessera's PoolFormer uses exact GELU)"
+    if n < 1:
+        _reject(cfg, "num_encoder_blocks", "needs at least one stage")
+    for field in ("depths", "hidden_sizes", "patch_sizes", "strides", "padding"):
+        if len(getattr(cfg, field)) < n:
+            _reject(cfg, field, f"needs an entry for each of num_encoder_blocks={n} stages")
+    if classifier and cfg.hidden_sizes[-1] != cfg.hidden_sizes[n - 1]:  # transformers cannot run it either
+        _reject(
+            cfg,
+            "hidden_sizes",
+            f"the final norm takes hidden_sizes[-1] channels, the last of num_encoder_blocks={n} stages gives "
+            f"hidden_sizes[{n - 1}]",
         )
-    if len(cfg.depths) != n or len(cfg.hidden_sizes) != n:
-        raise ValueError(f"depths and hidden_sizes must have num_encoder_blocks ({n}) entries")
     layout = dict(patch_sizes=[7] + [3] * (n - 1), strides=[4] + [2] * (n - 1), padding=[2] + [1] * (n - 1))
     for field, expected in layout.items():
-        if list(getattr(cfg, field))[:n] != expected:
-            raise ValueError(
-                f"{field} {list(getattr(cfg, field))[:n]} is not supported (Tessera's PoolFormer has the "
-                f"paper's stem k7 s4 p2 and downsampling k3 s2 p1: {expected})"
+        if _entries(cfg, field, n) != expected:
+            _reject(
+                cfg,
+                field,
+                f"Tessera's PoolFormer has the paper's stem k7 s4 p2 and downsampling k3 s2 p1 (for "
+                f"num_encoder_blocks={n}: {field} {expected})",
             )
-    if cfg.pool_size % 2 == 0:
-        raise ValueError(f"pool_size {cfg.pool_size} is not supported (even sizes change the map size)")
+    if not isinstance(cfg.pool_size, int) or cfg.pool_size % 2 == 0:  # transformers cannot run those either
+        _reject(cfg, "pool_size", "an odd int (an even pooling window changes the map size)")
+    size = getattr(cfg, "image_size", 224)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
+        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+    return dict(
+        img_size=int(size),
+        in_chans=cfg.num_channels,
+        depths=[int(d) for d in cfg.depths[:n]],
+        dims=[int(d) for d in cfg.hidden_sizes[:n]],
+        mlp_ratio=float(cfg.mlp_ratio),
+        pool_size=cfg.pool_size,
+        layer_scale_init=float(cfg.layer_scale_init_value),
+        use_layer_scale=bool(cfg.use_layer_scale),
+        drop_path_rate=float(cfg.drop_path_rate),
+    )
 
 
 def poolformer_from_hf(hf: dict, cfg) -> PoolFormer:
     """A PoolFormer from a PoolFormerModel or PoolFormerForImageClassification state dict and config."""
-    _check_config(cfg)
     prefix = "poolformer." if any(k.startswith("poolformer.") for k in hf) else ""
+    kw = poolformer_kwargs_from_hf(
+        cfg, classifier=bool(prefix)
+    )  # the classification model's keys are prefixed
     head = "classifier.weight" in hf
-    model = PoolFormer(
-        img_size=getattr(cfg, "image_size", 224),
-        in_chans=cfg.num_channels,
-        depths=list(cfg.depths),
-        dims=list(cfg.hidden_sizes),
-        mlp_ratio=cfg.mlp_ratio,
-        pool_size=cfg.pool_size,
-        layer_scale_init=cfg.layer_scale_init_value,
-        use_layer_scale=cfg.use_layer_scale,
-        num_classes=hf["classifier.weight"].shape[0] if head else 0,
-        drop_path_rate=cfg.drop_path_rate,
-    )
+    model = PoolFormer(**kw, num_classes=hf["classifier.weight"].shape[0] if head else 0)
     sd = {t: hf[prefix + h] for t, h in _key_pairs(model.depths, model.use_layer_scale)}
     if "norm.weight" in hf:  # the classification model's final norm
         sd["norm.weight"], sd["norm.bias"] = hf["norm.weight"], hf["norm.bias"]

@@ -122,34 +122,78 @@ def pvt_v2_to_hf(model: PyramidVisionTransformerV2) -> nn.Module:
     return load_strict(tf.PvtV2Model(cfg), backbone_to_hf(model), "pvt_v2 to_hf")
 
 
-def _kwargs_from_config(cfg) -> dict:
-    """Constructor arguments for a PvtV2Config; ValueError naming the field Tessera cannot represent."""
-    if cfg.hidden_act != "gelu":
-        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (Tessera's PVT v2 uses exact GELU)")
-    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if getattr(cfg, field):
-            raise ValueError(f"{field}={getattr(cfg, field)} is not supported (Tessera's PVT v2: no dropout)")
+EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
+_PER_STAGE = (
+    "depths",
+    "sr_ratios",
+    "hidden_sizes",
+    "patch_sizes",
+    "strides",
+    "num_attention_heads",
+    "mlp_ratios",
+)
+
+
+def _reject(cfg, field: str, why: str):
+    raise ValueError(f"PvtV2Config.{field}={getattr(cfg, field)!r}: {why}")
+
+
+def _square_entries(cfg, field: str, n: int) -> tuple[int, ...]:
+    """The first n entries of a per-stage kernel/stride list, each an int or a pair of equal ints (transformers'
+    Conv2d takes either)."""
+    out = []
+    for v in getattr(cfg, field)[:n]:
+        if isinstance(v, (list, tuple)):
+            if not (len(v) == 2 and v[0] == v[1]):
+                _reject(cfg, field, "Tessera's PVT v2 takes square kernels and strides (one int per stage)")
+            v = v[0]
+        out.append(int(v))
+    return tuple(out)
+
+
+def _kwargs_from_config(cfg, classifier: bool = False) -> dict:
+    """Constructor arguments for a PvtV2Config, reading what transformers' PVT v2 reads; ValueError naming the
+    field Tessera cannot represent.
+
+    transformers builds num_encoder_blocks stages from the first num_encoder_blocks entries of each per-stage
+    list (longer lists are fine) and PvtV2ForImageClassification (`classifier`) reshapes the last map by
+    hidden_sizes[-1] channels. image_size is never read (any (height, width) is accepted; Tessera keeps the
+    height as its nominal img_size, every input size runs either way). Dropouts are training only,
+    out_features / out_indices (PvtV2Backbone) change no output."""
+    if cfg.hidden_act not in EXACT_GELU:
+        _reject(cfg, "hidden_act", "Tessera's PVT v2 uses the exact GELU ('gelu')")
     n = cfg.num_encoder_blocks
-    for field in ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads"):
-        if len(getattr(cfg, field)) != n:
-            raise ValueError(f"{field} has {len(getattr(cfg, field))} entries, num_encoder_blocks is {n}")
-    if len(cfg.mlp_ratios) != n:
-        raise ValueError(f"mlp_ratios has {len(cfg.mlp_ratios)} entries, num_encoder_blocks is {n}")
-    size = cfg.image_size if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
-    if isinstance(size, tuple) and size[0] != size[1]:
-        raise ValueError(f"image_size {size} is not square (Tessera's img_size is one int)")
-    if any(not isinstance(p, int) for p in cfg.patch_sizes):
-        raise ValueError(f"patch_sizes {cfg.patch_sizes} must be ints (square kernels)")
+    if n < 1:
+        _reject(cfg, "num_encoder_blocks", "needs at least one stage")
+    for field in _PER_STAGE:
+        if len(getattr(cfg, field)) < n:
+            _reject(cfg, field, f"needs an entry for each of num_encoder_blocks={n} stages")
+    if classifier and cfg.hidden_sizes[-1] != cfg.hidden_sizes[n - 1]:
+        # PvtV2ForImageClassification views the last map's channels as hidden_sizes[-1]: it fails, or (when
+        # the sizes happen to divide) pools a reshuffled map; neither is a model Tessera can be
+        _reject(
+            cfg,
+            "hidden_sizes",
+            f"the classifier reads hidden_sizes[-1] channels, the last of num_encoder_blocks={n} stages gives "
+            f"hidden_sizes[{n - 1}]",
+        )
+    size = cfg.image_size
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            _reject(cfg, "image_size", "expected an int or (height, width)")
+        size = size[0]
+    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
+        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
     return dict(
-        img_size=size if isinstance(size, int) else size[0],
+        img_size=int(size),
         in_chans=cfg.num_channels,
-        embed_dims=tuple(cfg.hidden_sizes),
-        depths=tuple(cfg.depths),
-        num_heads=tuple(cfg.num_attention_heads),
-        mlp_ratios=tuple(cfg.mlp_ratios),
-        sr_ratios=tuple(cfg.sr_ratios),
-        patch_sizes=tuple(cfg.patch_sizes),
-        strides=tuple(cfg.strides),
+        embed_dims=tuple(int(d) for d in cfg.hidden_sizes[:n]),
+        depths=tuple(int(d) for d in cfg.depths[:n]),
+        num_heads=tuple(int(h) for h in cfg.num_attention_heads[:n]),
+        mlp_ratios=tuple(cfg.mlp_ratios[:n]),
+        sr_ratios=tuple(int(r) for r in cfg.sr_ratios[:n]),
+        patch_sizes=_square_entries(cfg, "patch_sizes", n),
+        strides=_square_entries(cfg, "strides", n),
         linear=bool(cfg.linear_attention),
         qkv_bias=bool(cfg.qkv_bias),
         drop_path_rate=float(cfg.drop_path_rate),
@@ -162,7 +206,8 @@ def pvt_v2_from_hf(hf: dict[str, torch.Tensor], cfg) -> PyramidVisionTransformer
     prefix = "pvt_v2." if any(k.startswith("pvt_v2.") for k in hf) else ""
     head = "classifier.weight" in hf
     num_classes = hf["classifier.weight"].shape[0] if head else 0
-    model = PyramidVisionTransformerV2(**_kwargs_from_config(cfg), num_classes=num_classes)
+    kw = _kwargs_from_config(cfg, classifier=bool(prefix))  # the classification model's keys are prefixed
+    model = PyramidVisionTransformerV2(**kw, num_classes=num_classes)
     sd, used = {}, set()
     for k in model.state_dict():
         names = (

@@ -133,42 +133,72 @@ def swin_to_hf(model: SwinTransformer):
     return load_strict(hf, sd, "swin_to_hf")
 
 
+EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
+
+
+def _reject(cfg, field: str, why: str):
+    raise ValueError(f"SwinConfig.{field}={getattr(cfg, field)!r}: {why}")
+
+
 def _square(cfg, field: str) -> int:
+    """An int, or a pair of equal ints (transformers takes either for image_size, patch_size, window_size)."""
     v = getattr(cfg, field)
     if isinstance(v, int):
         return v
-    if len(v) == 2 and v[0] == v[1]:
+    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
         return int(v[0])
-    raise ValueError(f"SwinConfig.{field}={v!r}: Tessera's Swin takes a square {field}")
+    _reject(cfg, field, f"Tessera's Swin takes a square {field} (one int)")
+
+
+def swin_kwargs_from_hf(cfg) -> dict:
+    """SwinTransformer arguments of a SwinConfig, reading what SwinModel reads; ValueError naming the field
+    Tessera's Swin cannot represent. transformers reads num_heads[i] for the len(depths) stages only (a longer
+    list is fine); image_size only sizes the absolute position embedding, so any (height, width) is accepted
+    and Tessera keeps the height as its nominal img_size (every input size runs either way). Dropouts
+    (training only), encoder_stride (masked image modelling) and out_features / out_indices (SwinBackbone)
+    change no output of the imported model."""
+    if cfg.hidden_act not in EXACT_GELU:
+        _reject(cfg, "hidden_act", "Tessera's Swin uses the exact GELU ('gelu')")
+    if cfg.use_absolute_embeddings:
+        _reject(
+            cfg,
+            "use_absolute_embeddings",
+            "Tessera's Swin has no absolute position embedding (the paper's models use only the relative bias)",
+        )
+    n = len(cfg.depths)
+    if not n:
+        _reject(cfg, "depths", "needs at least one stage")
+    if len(cfg.num_heads) < n:
+        _reject(cfg, "num_heads", f"needs an entry for each of the {n} stages of depths {list(cfg.depths)}")
+    size = cfg.image_size
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            _reject(cfg, "image_size", "expected an int or (height, width)")
+        size = size[0]
+    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
+        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+    return dict(
+        img_size=int(size),
+        patch_size=_square(cfg, "patch_size"),
+        in_chans=cfg.num_channels,
+        embed_dim=cfg.embed_dim,
+        depths=[int(d) for d in cfg.depths],
+        num_heads=[int(h) for h in cfg.num_heads[:n]],
+        window_size=_square(cfg, "window_size"),
+        mlp_ratio=float(cfg.mlp_ratio),
+        qkv_bias=bool(cfg.qkv_bias),
+        drop_path_rate=float(cfg.drop_path_rate),
+        norm_eps=float(cfg.layer_norm_eps),
+    )
 
 
 def swin_from_hf(sd: dict[str, torch.Tensor], cfg) -> SwinTransformer:
     """A SwinModel / SwinForImageClassification state dict (base keys optionally under 'swin.') -> Tessera."""
-    if cfg.hidden_act != "gelu":
-        raise ValueError(
-            f"SwinConfig.hidden_act={cfg.hidden_act!r} is not supported (Tessera's Swin uses exact GELU)"
-        )
-    if cfg.use_absolute_embeddings:
-        raise ValueError(
-            "SwinConfig.use_absolute_embeddings=True is not supported (Tessera's Swin has no absolute "
-            "position embedding; the paper's models use only the relative bias)"
-        )
+    kw = swin_kwargs_from_hf(cfg)
     hf = backbone_state(sd, "swin.")
     head = (sd["classifier.weight"], sd["classifier.bias"]) if "classifier.weight" in sd else None
     model = SwinTransformer(
-        img_size=_square(cfg, "image_size"),
-        patch_size=_square(cfg, "patch_size"),
-        in_chans=cfg.num_channels,
-        embed_dim=cfg.embed_dim,
-        depths=list(cfg.depths),
-        num_heads=list(cfg.num_heads),
-        window_size=_square(cfg, "window_size"),
-        mlp_ratio=float(cfg.mlp_ratio),
-        qkv_bias=cfg.qkv_bias,
-        num_classes=0 if head is None else head[0].shape[0],
-        drop_path_rate=cfg.drop_path_rate,
-        mask_token="embeddings.mask_token" in hf,
-        norm_eps=cfg.layer_norm_eps,
+        **kw, num_classes=0 if head is None else head[0].shape[0], mask_token="embeddings.mask_token" in hf
     )
     out = {t: hf[h] for t, h in _pairs(model.depths)}
     for i, depth in enumerate(model.depths):

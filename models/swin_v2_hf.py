@@ -135,47 +135,100 @@ def swinv2_to_hf(model: SwinTransformerV2):
     return load_strict(hf, sd, f"swinv2_to_hf (SwinTransformerV2 -> {type(hf).__name__})")
 
 
-def _check_config(cfg) -> None:
-    """Raise ValueError naming the Swinv2Config field Tessera's SwinTransformerV2 cannot represent."""
+EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
 
-    def reject(field: str, why: str):
-        raise ValueError(f"Swinv2Config.{field} {getattr(cfg, field)!r} is not supported: {why}")
 
-    if cfg.hidden_act != "gelu":
-        reject("hidden_act", "Tessera's Swin V2 uses exact GELU")
+def _reject(cfg, field: str, why: str):
+    raise ValueError(f"Swinv2Config.{field}={getattr(cfg, field)!r}: {why}")
+
+
+def _square(cfg, field: str) -> int:
+    """An int, or a pair of equal ints (transformers takes either for image_size and patch_size)."""
+    v = getattr(cfg, field)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
+        return int(v[0])
+    _reject(cfg, field, f"Tessera's Swin V2 takes a square {field} (one int)")
+
+
+def _pretrained_window(cfg, p) -> int:
+    """One stage's pretrained window as Swinv2SelfAttention reads it: an int p or a pair (ph, pw); ph <= 0 means
+    none (the offsets are normalised by the window itself, whatever pw is), so it is 0 here."""
+    if isinstance(p, int):
+        ph = pw = p
+    elif isinstance(p, (list, tuple)) and len(p) == 2:
+        ph, pw = p
+    else:
+        _reject(cfg, "pretrained_window_sizes", "each entry is an int or a (height, width) pair")
+    if ph <= 0:
+        return 0
+    if pw != ph:
+        _reject(cfg, "pretrained_window_sizes", "Tessera's continuous position bias takes square windows")
+    if ph == 1:  # transformers divides the offsets by ph - 1 = 0: a NaN bias
+        _reject(cfg, "pretrained_window_sizes", "a pretrained window of 1 makes transformers' bias NaN")
+    return int(ph)
+
+
+def swinv2_kwargs_from_hf(cfg) -> dict:
+    """SwinTransformerV2 arguments of a Swinv2Config, reading what Swinv2Model reads; ValueError naming the field
+    Tessera's Swin V2 cannot represent.
+
+    transformers reads num_heads[i] and pretrained_window_sizes[i] for the len(depths) stages only (longer lists
+    are fine; pretrained_window_sizes None means none), and each stage's window and shift from the height of
+    its map at image_size (Swinv2Layer keeps window_size[0] and shift_size[0]), so a (height, width) image_size
+    imports as img_size = height. Dropouts (training only), encoder_stride (masked image modelling) and
+    out_features / out_indices (Swinv2Backbone) change no output of the imported model."""
+    if cfg.hidden_act not in EXACT_GELU:
+        _reject(cfg, "hidden_act", "Tessera's Swin V2 uses the exact GELU ('gelu')")
     if cfg.use_absolute_embeddings:
-        reject("use_absolute_embeddings", "Swin V2 has only relative (CPB) position information")
+        _reject(cfg, "use_absolute_embeddings", "Swin V2 has only relative (CPB) position information")
     if float(cfg.layer_norm_eps) != NORM_EPS:
-        reject("layer_norm_eps", f"every LayerNorm uses {NORM_EPS} (transformers fixes it for two of them)")
-    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if getattr(cfg, field):
-            reject(field, "Tessera's Swin V2 has no dropout (stochastic depth only)")
-    for field in ("image_size", "patch_size", "window_size"):
-        if not isinstance(getattr(cfg, field), int):
-            reject(field, "only a single (square) int is supported")
-    if not len(cfg.depths) == len(cfg.num_heads) == len(cfg.pretrained_window_sizes):
-        reject("pretrained_window_sizes", f"needs one entry per stage, like depths {cfg.depths}")
-    if any(p == 1 or p < 0 for p in cfg.pretrained_window_sizes):
-        reject("pretrained_window_sizes", "each must be 0 (none) or a window of at least 2")
+        _reject(
+            cfg, "layer_norm_eps", f"Tessera's Swin V2 uses {NORM_EPS} in every LayerNorm (no eps setting)"
+        )
+    if not isinstance(cfg.window_size, int):
+        _reject(cfg, "window_size", "one int (as Swinv2Layer takes it)")
+    n = len(cfg.depths)
+    if not n:
+        _reject(cfg, "depths", "needs at least one stage")
+    for field in ("num_heads", "pretrained_window_sizes"):
+        v = getattr(cfg, field)
+        if v is not None and len(v) < n:
+            _reject(cfg, field, f"needs an entry for each of the {n} stages of depths {list(cfg.depths)}")
+    pws = cfg.pretrained_window_sizes or [0] * n
+    size = cfg.image_size
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            _reject(cfg, "image_size", "expected an int or (height, width)")
+        size = size[0]
+    patch = _square(cfg, "patch_size")
+    if (size // patch) >> (n - 1) < 1:  # transformers builds windows of 0 and cannot run it either
+        _reject(cfg, "image_size", f"too small for {n} stages of patch {patch}")
+    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
+        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+    return dict(
+        img_size=int(size),
+        patch_size=patch,
+        in_chans=cfg.num_channels,
+        embed_dim=cfg.embed_dim,
+        depths=tuple(int(d) for d in cfg.depths),
+        num_heads=tuple(int(h) for h in cfg.num_heads[:n]),
+        window_size=cfg.window_size,
+        pretrained_window_sizes=tuple(_pretrained_window(cfg, p) for p in pws[:n]),
+        mlp_ratio=float(cfg.mlp_ratio),
+        qkv_bias=bool(cfg.qkv_bias),
+        drop_path_rate=float(cfg.drop_path_rate),
+    )
 
 
 def swinv2_from_hf(hf: dict[str, torch.Tensor], cfg) -> SwinTransformerV2:
     """A SwinTransformerV2 from a Swinv2Model / Swinv2ForImageClassification state dict and config."""
-    _check_config(cfg)
+    kw = swinv2_kwargs_from_hf(cfg)
     base = backbone_state(hf, "swinv2.")
     model = SwinTransformerV2(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.num_channels,
-        embed_dim=cfg.embed_dim,
-        depths=tuple(cfg.depths),
-        num_heads=tuple(cfg.num_heads),
-        window_size=cfg.window_size,
-        pretrained_window_sizes=tuple(cfg.pretrained_window_sizes),
-        mlp_ratio=float(cfg.mlp_ratio),
-        qkv_bias=bool(cfg.qkv_bias),
+        **kw,
         num_classes=hf["classifier.weight"].shape[0] if "classifier.weight" in hf else 0,
-        drop_path_rate=float(cfg.drop_path_rate),
         mask_token="embeddings.mask_token" in base,
     )
     sd, qkv = {}, {}

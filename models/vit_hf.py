@@ -18,6 +18,8 @@ MAE decoder: decoder_embed, mask_token, pos_embed, blocks.i.*, norm, pred ->
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from models.hf import HFAdapter, register_hf
@@ -44,7 +46,7 @@ def _blocks_to_hf(sd: dict, src: str, dst: str, depth: int) -> dict:
         for t, h in BLOCK_KEYS:
             for w in ("weight", "bias"):
                 out[f"{b}{h}.{w}"] = sd[f"{a}{t}.{w}"]
-        for w in ("weight", "bias"):
+        for w in ("weight", "bias") if f"{a}attn.qkv.bias" in sd else ("weight",):  # qkv_bias=False: none
             for h, part in zip(QKV_HF, sd[f"{a}attn.qkv.{w}"].chunk(3, dim=0)):
                 out[f"{b}{h}.{w}"] = part
     return out
@@ -57,7 +59,8 @@ def _blocks_from_hf(hf: dict, src: str, dst: str, depth: int) -> dict:
         for t, h in BLOCK_KEYS:
             for w in ("weight", "bias"):
                 out[f"{b}{t}.{w}"] = hf[f"{a}{h}.{w}"]
-        for w in ("weight", "bias"):
+        # query/key/value have biases only with config.qkv_bias (the strict load then checks the model agrees)
+        for w in ("weight", "bias") if f"{a}{QKV_HF[0]}.bias" in hf else ("weight",):
             out[f"{b}attn.qkv.{w}"] = torch.cat([hf[f"{a}{h}.{w}"] for h in QKV_HF], dim=0)
     return out
 
@@ -77,28 +80,60 @@ def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.T
     return {prefix + k: v.contiguous() for k, v in out.items()}
 
 
-def encoder_from_hf(hf: dict, cfg, prefix: str = "", head: tuple | None = None) -> VisionTransformer:
-    """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`), with an
-    optional classifier `head` (weight, bias)."""
-    if cfg.hidden_act != "gelu":
-        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (Tessera's ViT uses exact GELU)")
-    hf = {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
-    pos = hf["embeddings.position_embeddings"]
-    grid = cfg.image_size // cfg.patch_size
-    fixed = (
-        torch.equal(pos[0], sincos_pos_embed_2d(cfg.hidden_size, grid)) if cfg.hidden_size % 4 == 0 else False
-    )
-    vit = VisionTransformer(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
+EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
+
+
+def _reject(cfg, field: str, why: str):
+    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r}: {why}")
+
+
+def _square(cfg, field: str) -> int:
+    """An int, or a pair of equal ints (transformers takes either for image_size and patch_size)."""
+    v = getattr(cfg, field)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
+        return v[0]
+    _reject(cfg, field, f"Tessera's ViT takes a square {field} (one int)")
+
+
+def encoder_kwargs_from_hf(cfg) -> dict:
+    """VisionTransformer arguments of a ViTConfig / ViTMAEConfig, reading what transformers' ViT reads; ValueError
+    naming the field Tessera's ViT cannot represent. Dropouts (training only) and the fields of other heads
+    (encoder_stride: masked image modelling) change no output of the imported model and are not read."""
+    if cfg.hidden_act not in EXACT_GELU:
+        _reject(cfg, "hidden_act", "Tessera's ViT uses the exact GELU ('gelu')")
+    img, patch = _square(cfg, "image_size"), _square(cfg, "patch_size")
+    if img % patch:
+        # transformers then drops the last image_size % patch_size rows and columns (and still wants inputs of
+        # exactly image_size); Tessera's ViT takes only a whole number of patches
+        _reject(cfg, "image_size", f"Tessera's ViT needs it divisible by patch_size {patch}")
+    return dict(
+        img_size=img,
+        patch_size=patch,
         in_chans=cfg.num_channels,
         embed_dim=cfg.hidden_size,
         depth=cfg.num_hidden_layers,
         num_heads=cfg.num_attention_heads,
+        # any intermediate_size, a multiple of hidden_size or not: Block's round(dim * mlp_ratio) gives it back
         mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
-        qkv_bias=cfg.qkv_bias,
+        qkv_bias=bool(cfg.qkv_bias),
+        norm_eps=float(cfg.layer_norm_eps),
+    )
+
+
+def encoder_from_hf(hf: dict, cfg, prefix: str = "", head: tuple | None = None) -> VisionTransformer:
+    """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`), with an
+    optional classifier `head` (weight, bias)."""
+    kw = encoder_kwargs_from_hf(cfg)
+    hf = {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
+    pos = hf["embeddings.position_embeddings"]
+    grid = kw["img_size"] // kw["patch_size"]
+    dim = kw["embed_dim"]
+    fixed = torch.equal(pos[0], sincos_pos_embed_2d(dim, grid)) if dim % 4 == 0 else False
+    vit = VisionTransformer(
+        **kw,
         pos_embed="sincos" if fixed else "learned",
-        norm_eps=cfg.layer_norm_eps,
         num_classes=0 if head is None else head[0].shape[0],
     )
     sd = {
@@ -107,7 +142,7 @@ def encoder_from_hf(hf: dict, cfg, prefix: str = "", head: tuple | None = None) 
         "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
         "norm.weight": hf["layernorm.weight"],
         "norm.bias": hf["layernorm.bias"],
-        **_blocks_from_hf(hf, "encoder.layer.", "blocks.", cfg.num_hidden_layers),
+        **_blocks_from_hf(hf, "encoder.layer.", "blocks.", kw["depth"]),
     }
     if not fixed:
         sd["pos_embed"] = pos
@@ -233,9 +268,30 @@ def decoder_from_hf(decoder: MAEDecoder, hf: dict) -> MAEDecoder:
     return decoder
 
 
+def _check_pooler(hf: dict, cfg) -> None:
+    """A ViTModel's pooler (dense + pooler_act on the cls token) is a head Tessera's ViT does not have: its pooled
+    features are the final-norm cls token itself. The pooler Tessera exports (identity dense, pooler_act
+    'linear') is exactly that; any other is left out of the import, with a warning (the encoder, what an import
+    is for, is whole). (A mask token, use_mask_token=True, is left out too, as ViTModel.from_pretrained does by
+    default: it acts only on bool_masked_pos.)"""
+    if "pooler.dense.weight" not in hf:
+        return
+    w, b = hf["pooler.dense.weight"], hf["pooler.dense.bias"]
+    identity = w.shape[0] == w.shape[1] and torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype))
+    if not (identity and not b.any() and getattr(cfg, "pooler_act", None) == "linear"):
+        warnings.warn(
+            f"{type(cfg).__name__}.pooler_act={getattr(cfg, 'pooler_act', None)!r}: this ViTModel's pooler "
+            "(pooler.dense, then the activation) is not imported; Tessera's pooled output is the final-norm cls "
+            "token, without it",
+            stacklevel=3,
+        )
+
+
 def vit_from_hf(hf: dict, cfg) -> VisionTransformer:
     """The encoder of a ViTModel / ViTForImageClassification / ViTMAEForPreTraining state dict."""
     prefix = "vit." if any(k.startswith("vit.") for k in hf) else ""
+    if not prefix:
+        _check_pooler(hf, cfg)
     head = (hf["classifier.weight"], hf["classifier.bias"]) if "classifier.weight" in hf else None
     return encoder_from_hf(hf, cfg, prefix=prefix, head=head)
 
@@ -244,7 +300,7 @@ def vit_hf_outputs(hf, x: torch.Tensor) -> dict:
     """A ViTModel / ViTForImageClassification's outputs in Tessera's layouts (see models/hf.py)."""
     base = getattr(hf, "vit", hf)
     out = base(pixel_values=x, output_hidden_states=True)
-    grid = hf.config.image_size // hf.config.patch_size
+    grid = _square(hf.config, "image_size") // _square(hf.config, "patch_size")  # an int or a square pair
     stages = [h[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid) for h in out.hidden_states[1:]]
     pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
     res = {"features": out.last_hidden_state, "stages": stages, "pooled": pooled}

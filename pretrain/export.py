@@ -97,6 +97,8 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
     sd = {k: v for f in files for k, v in load_file(str(f)).items()}
     arch = (config.architectures or [""])[0]
     if arch == "ViTMAEForPreTraining":
+        if not config.qkv_bias:  # transformers applies it to the decoder too
+            raise ValueError(f"{hf_dir}: ViTMAEConfig.qkv_bias=False: Tessera's MAE decoder has qkv biases")
         dec = decoder_kwargs_from_hf(config)
         cfg = MAEConfig(
             mask_ratio=config.mask_ratio,

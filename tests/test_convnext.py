@@ -273,7 +273,7 @@ def test_from_hf_rejects_what_it_cannot_represent():
             sd, tf.ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], hidden_act="relu")
         )
     with pytest.raises(ValueError, match="num_stages"):
-        adapter.from_hf(sd, tf.ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_stages=3))
+        adapter.from_hf(sd, tf.ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], num_stages=5))
     assert type(adapter.from_hf(sd, hf.config)) is ConvNeXt
 
 

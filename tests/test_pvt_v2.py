@@ -101,7 +101,11 @@ def test_from_hf_rejects_what_it_cannot_represent():
 
     sd = tf.PvtV2Model(config()).state_dict()
     assert isinstance(pvt_v2_from_hf(sd, config()), PyramidVisionTransformerV2)  # the valid baseline loads
-    for field, value in [("hidden_act", "relu"), ("hidden_dropout_prob", 0.1), ("image_size", (32, 48))]:
+    for field, value in [
+        ("hidden_act", "relu"),
+        ("patch_sizes", [[7, 5], 3, 3, 3]),
+        ("strides", [[4, 2], 2, 2, 2]),
+    ]:
         with pytest.raises(ValueError, match=field):
             pvt_v2_from_hf(sd, config(**{field: value}))
     with pytest.raises(ValueError, match="sr_ratios"):

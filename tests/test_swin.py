@@ -105,7 +105,7 @@ def test_hf_initialised_model_imports(tmp_path, head, qkv_bias, chans):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("hidden_act", "relu"), ("use_absolute_embeddings", True), ("image_size", [32, 48])]
+    "field, value", [("hidden_act", "relu"), ("use_absolute_embeddings", True), ("patch_size", [4, 2])]
 )
 def test_from_hf_rejects_what_it_cannot_represent(field, value):
     cfg = tf.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, **{field: value})

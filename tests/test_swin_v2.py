@@ -293,7 +293,7 @@ def test_hf_initialised_model_imports(tmp_path, arch):
         ("hidden_act", "relu"),
         ("use_absolute_embeddings", True),
         ("layer_norm_eps", 1e-6),
-        ("hidden_dropout_prob", 0.1),
+        ("pretrained_window_sizes", [[4, 6], 0, 0, 0]),
         ("pretrained_window_sizes", [1, 0, 0, 0]),
         ("window_size", [4, 8]),
     ],
