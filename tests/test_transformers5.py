@@ -1,0 +1,537 @@
+"""Every Tessera Hugging Face export loads in the newest transformers 5 (a user's venv) with Tessera's outputs.
+
+Tessera itself pins transformers 4.57 (mosaicml-streaming needs <5); people who download an export run 5.x. The
+slow test builds .venv-tf5 (scripts/tf5-venv.sh: transformers 5 pinned by requirements/constraints-tf5.txt, no
+Tessera), exports every export target below here, writes Tessera's own outputs in the HF models' layouts
+(cross-checked against transformers 4.57 here), and runs tests/tf5_check.py under .venv-tf5 on them.
+
+A new export target (e.g. a Llama text export) is one entry of `export_targets()`: a name, the Tessera model, and
+a function that exports it and returns its manifest cases (`backbone_cases` and `mae_cases` are the two kinds).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import MODELS, create_model, list_models
+from models.hf import HF_ADAPTERS
+from models.mae import random_masking
+from ops.compat import import_transformers
+from pretrain.export import to_hf
+from pretrain.objectives.mae import MAE, MAEConfig
+from tests.conftest import ROOT, trained_like
+
+# ---- what is exported: one entry per export target -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    name: str  # unique, also names its cases: "swin/swin_test/classes=7"
+    family: str  # the HF_ADAPTERS family it covers, or "mae"
+    build: Callable[[], nn.Module]  # the Tessera model to export, weights perturbed (trained_like), eval()
+    cases: Callable[[nn.Module, Path, CaseWriter], list[dict]]  # export into the folder; -> manifest cases
+
+
+def export_targets() -> list[ExportTarget]:
+    """Every family with an HF adapter (its CI-sized `*_test*` model, headless and with 7 classes), and MAE."""
+    targets = [
+        ExportTarget(f"{family}/{name}/classes={n}", family, partial(_backbone, name, n), backbone_cases)
+        for family in HF_ADAPTERS.names()
+        for name in family_test_models(family)
+        for n in (0, 7)
+    ]
+    targets += [  # the demo's 1-channel sin-cos MAE, and a 3-channel one with learned position embeddings
+        ExportTarget(f"mae/vit_test_patch4/{c}ch-{pos}", "mae", partial(_mae, c, pos), mae_cases)
+        for c, pos in ((1, "sincos"), (3, "learned"))
+    ]
+    # what `python -m pretrain.export` writes for a run on grayscale data: an image processor, class names, the
+    # model taking RGB (models.hf.rgb_from_gray), and transformers' pipelines on it
+    targets += [
+        ExportTarget(f"{family}/{name}/pipeline", family, partial(_backbone, name, 7, 1), pipeline_cases)
+        for family in HF_ADAPTERS.names()
+        for name in family_test_models(family)
+    ]
+    targets.append(ExportTarget("mae/vit_test_patch4/pipeline", "mae", partial(_mae, 1, "sincos"), mae_cases))
+    return targets
+
+
+def family_test_models(family: str) -> list[str]:
+    return [n for n in list_models("*_test*") if MODELS.get(n).builds is HF_ADAPTERS.get(family).model_cls]
+
+
+def _backbone(name: str, num_classes: int, in_chans: int | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    chans = {} if in_chans is None else {"in_chans": in_chans}
+    return trained_like(create_model(name, num_classes=num_classes, **chans))
+
+
+def _mae(chans: int, pos: str) -> nn.Module:
+    torch.manual_seed(0)
+    vit = create_model("vit_test_patch4", img_size=16, in_chans=chans, pos_embed=pos)
+    cfg = MAEConfig(mask_ratio=0.75, decoder_dim=32, decoder_depth=2, decoder_heads=4)
+    return trained_like(MAE(vit, cfg))
+
+
+# ---- manifest cases ----------------------------------------------------------------------------------------
+
+ATOL = 1e-5  # max-abs, fp32, both in transformers 5 (tests/tf5_check.py) and in the 4.57 cross-check here
+# Auto classes tried, in order, for the one that loads a folder's own architecture (a text target adds its own)
+AUTO_CLASSES = ("AutoModelForImageClassification", "AutoModelForPreTraining", "AutoModel")
+tf = import_transformers()
+
+
+class CaseWriter:
+    """Writes a case's tensors and cross-checks them against transformers 4.57 (what Tessera's venv has): a
+    mismatch there is recorded in `problems` (a wrong layout mapping here, or a 4.57 export bug)."""
+
+    def __init__(self, root: Path):
+        self.root, self.problems, self.image_checked = root, [], set()
+
+    def name(self, folder: Path) -> str:
+        return str(folder.relative_to(self.root / "exports"))
+
+    def save(self, tensors: dict[str, torch.Tensor], stem: str) -> str:
+        from safetensors.torch import save_file
+
+        path = self.root / "tensors" / f"{stem}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(path))
+        return str(path)
+
+    def case(
+        self,
+        name: str,
+        folder: Path,
+        inputs: dict[str, torch.Tensor],
+        loads: list[dict],
+        ours: dict[str, torch.Tensor],
+        fields: Callable[[nn.Module], dict[str, str]],
+    ) -> dict:
+        """One manifest case. `ours`: Tessera's tensors by name; `fields(hf_model)`: output field -> name in
+        `ours` for that HF class. Compared are the fields the 4.57 model returns (not None)."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        for load in loads:
+            load.setdefault("kwargs", {})
+            load.setdefault("allow_unexpected", [])
+            load["inputs"], load["outputs"] = self._cross_check(name, folder, inputs, load, ours, fields)
+        case = dict(
+            name=name,
+            folder=str(folder),
+            inputs=self.save(inputs, stem + ".inputs"),
+            expected=self.save(ours, stem + ".expected"),
+            loads=loads,
+        )
+        if (folder / "preprocessor_config.json").is_file() and folder not in self.image_checked:
+            self.image_checked.add(folder)  # once per folder (its first case)
+            self._image(case, folder, stem, ours)
+        return case
+
+    def _cross_check(self, name, folder, inputs, load, ours, fields):
+        cls = getattr(tf, load["cls"])
+        hf, info = cls.from_pretrained(folder, output_loading_info=True, **load["kwargs"])
+        hf = hf.float().eval()
+        bad = {k: v for k, v in info.items() if v and k != "unexpected_keys"}
+        extra = [k for k in info["unexpected_keys"] if not k.startswith(tuple(load["allow_unexpected"]))]
+        if bad or extra:
+            self.problems.append(f"{name}: 4.57 {load['cls']} loads with {bad} unexpected {extra}")
+        params = inspect.signature(hf.forward).parameters
+        used = [k for k in inputs if k in params]
+        with torch.no_grad():
+            out = hf(**{k: inputs[k] for k in used})
+        outputs = {}
+        for field, key in fields(hf).items():
+            got = getattr(out, field, None)
+            if got is None:
+                continue
+            outputs[field] = key
+            self._compare(f"{name}: 4.57 {type(hf).__name__}.{field} vs Tessera's {key}", got, ours[key])
+        if not outputs:
+            self.problems.append(f"{name}: 4.57 {type(hf).__name__} returned none of {sorted(fields(hf))}")
+        return used, outputs
+
+    def _image(self, case: dict, folder: Path, stem: str, ours: dict) -> None:
+        """The folder's image processor on a PNG at the model's own size vs Tessera's eval transform of it, with
+        the mean/std the export recorded (pretrain.data.transforms.ImageTransform: [0, 1], resize, normalize)."""
+        from PIL import Image
+
+        from pretrain.data.transforms import ImageTransform
+
+        cfg = json.loads((folder / "config.json").read_text())
+        pp = json.loads((folder / "preprocessor_config.json").read_text())
+        if not {"image_mean", "image_std"} <= set(
+            pp
+        ):  # then tf5_check.py fails too: this folder has no image
+            self.problems.append(f"{case['name']}: preprocessor_config.json has no image_mean/image_std")
+            return
+        size, chans = int(pp["size"]["height"]), int(cfg["num_channels"])  # the processor's own size
+        g = torch.Generator().manual_seed(7)
+        pixels = torch.randint(0, 256, (size, size, chans), generator=g, dtype=torch.uint8).numpy()
+        png = self.root / "tensors" / f"{stem}.png"
+        Image.fromarray(pixels[..., 0] if chans == 1 else pixels, "L" if chans == 1 else "RGB").save(png)
+        with Image.open(png) as im:
+            want = ImageTransform(size, tuple(pp["image_mean"]), tuple(pp["image_std"]))(im).unsqueeze(0)
+            what = f"{case['name']}: 4.57 AutoImageProcessor pixel_values vs Tessera's transform"
+            try:
+                proc = tf.AutoImageProcessor.from_pretrained(folder)
+                self._compare(what, proc(images=im, return_tensors="pt")["pixel_values"], want)
+            except Exception as e:  # recorded; transformers 5 is still checked
+                self.problems.append(f"{what}: raised {type(e).__name__}: {e}")
+        case["expected"] = self.save({**ours, "processor_pixel_values": want}, stem + ".expected")
+        case["image"] = dict(png=str(png), expected="processor_pixel_values", atol=ATOL)
+
+    def gray_png(self, size: int, stem: str) -> Path:
+        """A gray PNG of random pixels at the model's size (so no resize: 1e-5 comparisons hold)."""
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(11)
+        pixels = torch.randint(0, 256, (size, size), generator=g, dtype=torch.uint8).numpy()
+        png = self.root / "tensors" / f"{stem}.gray.png"
+        png.parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels, "L").save(png)
+        return png
+
+    def pipeline(
+        self, case: dict, task: str, png: Path, want: torch.Tensor, labels: list[str] | None
+    ) -> None:
+        """Add transformers' `task` pipeline on `png` to the case: classification scores by label must be `want`
+        (probabilities, in label order), feature extraction must give `want`. Cross-checked here in 4.57."""
+        from safetensors.torch import load_file
+
+        case["expected"] = self.save(
+            {**load_file(case["expected"]), "pipeline": want}, Path(case["expected"]).stem
+        )
+        case["pipeline"] = dict(task=task, png=str(png), expected="pipeline", labels=labels, atol=ATOL)
+        got = tf.pipeline(task, model=case["folder"])(str(png), **({"top_k": len(labels)} if labels else {}))
+        what = f"{case['name']}: 4.57 pipeline({task!r})"
+        if labels:
+            if sorted(d["label"] for d in got) != sorted(labels):
+                self.problems.append(f"{what}: labels {[d['label'] for d in got]} != {labels}")
+                return
+            got = torch.tensor([next(d["score"] for d in got if d["label"] == name) for name in labels])
+        self._compare(what, torch.as_tensor(got), want)
+
+    def _compare(self, what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        if got.shape != want.shape:
+            self.problems.append(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+            return
+        err = (got.double() - want.double()).abs().max().item()
+        if not err <= ATOL:  # (NaN fails too)
+            self.problems.append(f"{what}: max abs error {err:.3g} > {ATOL:g}")
+
+
+def standard_loads(folder: Path) -> list[dict]:
+    """How a user loads the folder: its `architectures[0]` class and the Auto class that gives the same, both
+    strictly; and, where that class has a head, the base model (AutoModel), which may drop the head's keys."""
+    arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    hf = getattr(tf, arch).from_pretrained(folder)
+    config_cls = type(hf.config)
+    auto = [a for a in AUTO_CLASSES if getattr(tf, a)._model_mapping.get(config_cls, None) is type(hf)]
+    assert auto, f"{folder}: no Auto class of {AUTO_CLASSES} gives {arch}"
+    loads = [dict(cls=arch), dict(cls=auto[0])]
+    base = tf.AutoModel._model_mapping[config_cls]
+    if base is not type(hf):
+        prefix = hf.base_model_prefix + "."
+        heads = sorted({k.split(".")[0] + "." for k in hf.state_dict() if not k.startswith(prefix)})
+        kwargs = {}  # build the base model as the head model builds its own (e.g. ViT's: no pooler)
+        if "add_pooling_layer" in inspect.signature(base.__init__).parameters and (
+            getattr(hf.base_model, "pooler", "?") is None
+        ):
+            kwargs["add_pooling_layer"] = False
+        loads.append(dict(cls="AutoModel", kwargs=kwargs, allow_unexpected=heads))
+    return loads
+
+
+def backbone_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
+    """A backbone's export: the HF-layout outputs are Tessera's own (see models/hf.py and tests/tf5_check.py):
+    last_hidden_state = forward_features, pooler_output = forward_head(pre_logits=True), logits = model(x)."""
+    to_hf(model, folder)
+    loads = standard_loads(folder)
+    size, chans = model.hparams()["img_size"], model.hparams()["in_chans"]
+    other = [] if getattr(model, "fixed_input_size", False) else [(1, size + 4, size - 4)]
+    cases, g = [], torch.Generator().manual_seed(3)
+    for b, h, w in [(2, size, size), *other]:  # native size, and another one where the family allows
+        x = torch.randn(b, chans, h, w, generator=g)
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            ours = {
+                "last_hidden_state": feats,
+                "pooler_output": model.forward_head(feats, pre_logits=True),
+                "logits": model(x),
+            }
+        name = f"{writer.name(folder)}/{b}x{chans}x{h}x{w}"
+        cases.append(
+            writer.case(name, folder, {"pixel_values": x}, [dict(d) for d in loads], ours, same_names)
+        )
+    return cases
+
+
+GRAY_DATA = "digits"  # a 1-channel dataset: the pipeline exports' data config
+LABELS = [f"class {i}" for i in range(7)]
+
+
+def pipeline_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
+    """A grayscale classifier exported for pipelines: the HF model on the gray input given as R = G = B equals
+    Tessera's on the 1-channel input; transformers' image-classification pipeline on a gray PNG gives Tessera's
+    probabilities (its eval transform, then the model) under the class names."""
+    from pretrain.data.config import DataConfig
+
+    size = model.hparams()["img_size"]
+    to_hf(model, folder, data=DataConfig(dataset=GRAY_DATA, image_size=size), labels=LABELS)
+    x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        ours = {
+            "last_hidden_state": feats,
+            "pooler_output": model.forward_head(feats, pre_logits=True),
+            "logits": model(x),
+        }
+    rgb = {"pixel_values": x.expand(-1, 3, -1, -1).contiguous()}
+    name = writer.name(folder)
+    case = writer.case(name, folder, rgb, standard_loads(folder), ours, same_names)
+    png = writer.gray_png(size, re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
+    with torch.no_grad():
+        probs = model(tessera_pixels(png, size)).softmax(-1)[0]
+    writer.pipeline(case, "image-classification", png, probs, LABELS)
+    return [case]
+
+
+def tessera_pixels(png: Path, size: int) -> torch.Tensor:
+    """Tessera's eval transform of a PNG, read as GRAY_DATA's converter reads images: (1, C, size, size)."""
+    from PIL import Image
+
+    from pretrain.data.sources import get_dataset
+    from pretrain.data.transforms import ImageTransform
+
+    info = get_dataset(GRAY_DATA)
+    with Image.open(png) as im:
+        return ImageTransform(size, info.mean, info.std)(im.convert("L")).unsqueeze(0)
+
+
+def same_names(hf: nn.Module) -> dict[str, str]:
+    """A backbone's fields: HF output field -> the same name in `ours`."""
+    return {k: k for k in ("last_hidden_state", "pooler_output", "logits")}
+
+
+def mae_cases(mae: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
+    """MAE export: ViTMAEForPreTraining with the same noise gives Tessera's pred (logits), loss, mask; its base
+    ViTMAEModel the encoder on the kept tokens; ViTModel (no pooler) from the same folder, and the encoder/
+    folder, the encoder's features (and, for encoder/, its pooled cls token through the identity pooler)."""
+    pipeline = folder.name == "pipeline"  # exported as the CLI does: processors, encoder/ taking RGB
+    if pipeline:
+        from pretrain.data.config import DataConfig
+
+        to_hf(mae, folder, data=DataConfig(dataset=GRAY_DATA, image_size=16))
+    else:
+        to_hf(mae, folder)
+    vit = mae.backbone
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, vit.in_chans, 16, 16, generator=g)
+    noise = torch.rand(3, vit.num_patches, generator=g)
+    with torch.no_grad():
+        out = mae({"image": x}, noise=noise)
+        ids_keep, mask, ids_restore = random_masking(noise, mae.cfg.mask_ratio)
+        feats = vit.forward_features(x)
+        ours = {
+            "pred": out["pred"],
+            "loss": out["loss"],
+            "mask": out["mask"],
+            "ids_restore": ids_restore,
+            "latent": vit.forward_features(x, ids_keep=ids_keep),
+            "features": feats,
+            "pooled": vit.forward_head(feats, pre_logits=True),
+        }
+
+    def fields(hf: nn.Module) -> dict[str, str]:
+        if isinstance(hf, tf.ViTMAEForPreTraining):
+            return {"logits": "pred", "loss": "loss", "mask": "mask", "ids_restore": "ids_restore"}
+        if isinstance(hf, tf.ViTMAEModel):
+            return {"last_hidden_state": "latent", "mask": "mask", "ids_restore": "ids_restore"}
+        return {"last_hidden_state": "features", "pooler_output": "pooled"}  # ViTModel
+
+    as_vit = dict(cls="ViTModel", kwargs={"add_pooling_layer": False}, allow_unexpected=["decoder."])
+    inputs = {"pixel_values": x, "noise": noise}
+    # the encoder folder of a pipeline export takes RGB: the gray input as R = G = B
+    enc_inputs = {**inputs, "pixel_values": x.expand(-1, 3, -1, -1).contiguous()} if pipeline else inputs
+    cases = [
+        writer.case(writer.name(folder), folder, inputs, [*standard_loads(folder), as_vit], ours, fields),
+        writer.case(
+            writer.name(folder / "encoder"),
+            folder / "encoder",
+            enc_inputs,
+            standard_loads(folder / "encoder"),
+            ours,
+            fields,
+        ),
+    ]
+    if pipeline:  # feature extraction on a gray PNG: Tessera's encoder features of its eval transform
+        png = writer.gray_png(16, "mae_pipeline")
+        with torch.no_grad():
+            feats = vit.forward_features(tessera_pixels(png, 16))
+        writer.pipeline(cases[1], "image-feature-extraction", png, feats, None)
+    return cases
+
+
+def write_manifest(root: Path, targets: list[ExportTarget]) -> tuple[Path, list[str]]:
+    """Export every target under root, write the manifest; -> (its path, the 4.57 cross-check problems)."""
+    writer, cases = CaseWriter(root), []
+    for t in targets:
+        folder = root / "exports" / t.name  # its cases are named by the folder under exports/
+        cases += t.cases(t.build(), folder, writer)
+    assert len({c["name"] for c in cases}) == len(cases), "duplicate case names"
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps({"atol": ATOL, "cases": cases}, indent=1))
+    return manifest, writer.problems
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+
+VENV_PY = ROOT / ".venv-tf5" / "bin" / "python"
+CHECK = ROOT / "tests" / "tf5_check.py"
+CONSTRAINTS = ROOT / "requirements" / "constraints-tf5.txt"
+CHECK_MAY_IMPORT = {"__future__", "json", "os", "sys", "traceback", "pathlib"} | {
+    "torch",
+    "transformers",
+    "PIL",
+    "safetensors",  # fmt: skip
+}
+
+
+def run_check(manifest: Path, python: Path | str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """tests/tf5_check.py under `python` -I (isolated: nothing from this checkout on sys.path), offline."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [str(python), "-I", str(CHECK), str(manifest)],
+        cwd=manifest.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def norm(name: str) -> str:
+    """A distribution name as pip compares them."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pins(path: Path) -> dict[str, str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {norm(a): b.split("+")[0] for a, _, b in (line.partition("==") for line in lines if "==" in line)}
+
+
+def pins_from_freeze(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        name, sep, version = line.partition("==")
+        if sep:
+            out[norm(name)] = version.split("+")[0]
+        elif line.strip():  # an editable or direct-URL install (e.g. Tessera itself): never in a user's venv
+            out[line.strip()] = "?"
+    return out
+
+
+def test_every_export_target_is_enumerated():
+    """A new adapter family cannot be left out: each has a `*_test*` model, exported headless and with a head."""
+    targets = export_targets()
+    assert {"vit", "swin", "swinv2", "convnext", "convnextv2", "pvt_v2", "poolformer"} <= set(
+        HF_ADAPTERS.names()
+    )
+    assert len({t.name for t in targets}) == len(targets)
+    for family in HF_ADAPTERS.names():
+        assert family_test_models(family), f"family {family!r} has no *_test* model to export"
+        names = {t.name for t in targets if t.family == family}
+        for model in family_test_models(family):
+            assert {f"{family}/{model}/classes={n}" for n in (0, 7)} <= names, family
+    assert {t.family for t in targets} == {*HF_ADAPTERS.names(), "mae"}
+    assert {t.family for t in targets if t.name.endswith("/pipeline")} == {*HF_ADAPTERS.names(), "mae"}
+
+
+def test_check_script_imports_nothing_from_the_repo():
+    tree = ast.parse(CHECK.read_text())
+    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert mods <= CHECK_MAY_IMPORT, mods - CHECK_MAY_IMPORT
+
+
+@pytest.mark.slow  # ~20 s: an export, and a subprocess importing transformers
+def test_check_script_fails_on_a_wrong_output_or_key(tmp_path):
+    """The checker itself (run here under transformers 4.57, no .venv-tf5 needed): passes a true manifest, and
+    fails, naming them, on a perturbed expected tensor and on a base-model load whose dropped head keys are not
+    allowed."""
+    (target,) = [t for t in export_targets() if t.name == "vit/vit_test_patch4/classes=7"]
+    manifest, problems = write_manifest(tmp_path, [target])
+    assert problems == []
+    ok = run_check(manifest, sys.executable, timeout=300)
+    assert ok.returncode == 0 and "PASS vit/" in ok.stdout, ok.stdout + ok.stderr[-3000:]
+
+    from safetensors.torch import load_file, save_file
+
+    data = json.loads(manifest.read_text())
+    case = data["cases"][0]
+    expected = load_file(case["expected"])
+    expected["logits"][0, 0] += 1e-3
+    save_file(expected, case["expected"])
+    base = [ld for ld in case["loads"] if ld["allow_unexpected"]]
+    assert base and base[0]["allow_unexpected"] == ["classifier."]
+    base[0]["allow_unexpected"] = []
+    manifest.write_text(json.dumps(data))
+    bad = run_check(manifest, sys.executable, timeout=300)
+    assert bad.returncode == 1, bad.stdout + bad.stderr[-3000:]
+    assert "FAIL vit/" in bad.stdout
+    assert "logits: max abs error 0.001" in bad.stdout and "unexpected_keys (2)" in bad.stdout, bad.stdout
+
+
+@pytest.mark.slow
+def test_exports_load_in_transformers5_with_tesseras_outputs(tmp_path):
+    t0 = time.monotonic()
+    venv = subprocess.run(
+        ["bash", "scripts/tf5-venv.sh"], cwd=ROOT, capture_output=True, text=True, timeout=1800
+    )
+    assert venv.returncode == 0, f"scripts/tf5-venv.sh failed:\n{venv.stdout[-4000:]}\n{venv.stderr[-6000:]}"
+    t_venv = time.monotonic() - t0
+    # the venv holds exactly the pinned set (so the constraints file is complete), and no Tessera
+    freeze = subprocess.run(
+        [str(VENV_PY), "-m", "pip", "freeze", "--all", "--exclude", "pip", "--exclude", "setuptools"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    installed = pins_from_freeze(freeze.stdout)
+    assert installed == pins(CONSTRAINTS), f"installed {installed} != pinned {pins(CONSTRAINTS)}"
+
+    manifest, problems = write_manifest(tmp_path, export_targets())
+    t_export = time.monotonic() - t0 - t_venv
+    res = run_check(manifest, VENV_PY)
+    t_check = time.monotonic() - t0 - t_venv - t_export
+    print(res.stdout)
+    print(
+        f"[timing] venv {t_venv:.0f} s, export + 4.57 cross-check {t_export:.0f} s, transformers 5 check {t_check:.0f} s"
+    )
+    header = res.stdout.splitlines()[0] if res.stdout else ""
+    assert header.startswith(f"transformers {pins(CONSTRAINTS)['transformers']} "), (
+        res.stdout + res.stderr[-6000:]
+    )
+    assert problems == [], "cross-check against transformers 4.57 in Tessera's venv failed:\n" + "\n".join(
+        problems
+    )
+    assert res.returncode == 0, (
+        f"transformers 5 check failed:\n{res.stdout}\n--- stderr\n{res.stderr[-6000:]}"
+    )
+    n = len(json.loads(manifest.read_text())["cases"])
+    assert f"{n}/{n} cases passed" in res.stdout and res.stdout.count("\nPASS ") == n

@@ -1,0 +1,251 @@
+"""Load Tessera's Hugging Face exports in a *user's* transformers 5 and compare with Tessera's own outputs.
+
+    .venv-tf5/bin/python -I tests/tf5_check.py MANIFEST.json
+
+Run by tests/test_transformers5.py under .venv-tf5 (scripts/tf5-venv.sh), a venv without Tessera: this file
+imports only transformers, torch, safetensors, PIL, json and the standard library, never this repository (it
+checks that at the end). Prints one line per case, PASS or FAIL with the largest error, then the details of
+every failure; exits 1 on any failure (2 on a bad manifest).
+
+The manifest (written by tests/test_transformers5.py in Tessera's venv):
+
+    {"atol": 1e-5,
+     "cases": [{"name": "swin/swin_test/classes=7/2x3x64x64",
+                "folder": "/abs/export",                   # what to_hf wrote: config.json, *.safetensors, ...
+                "inputs": "/abs/inputs.safetensors",       # forward kwargs: pixel_values (+ noise for ViTMAE)
+                "expected": "/abs/expected.safetensors",   # Tessera's outputs, in the HF models' layouts
+                "loads": [{"cls": "SwinForImageClassification",  # a transformers class or Auto class
+                           "kwargs": {},                   # for from_pretrained, e.g. add_pooling_layer
+                           "inputs": ["pixel_values"],     # which inputs the forward takes
+                           "allow_unexpected": [],         # prefixes of checkpoint keys this class drops
+                           "outputs": {"logits": "logits"}}],  # output field -> key in `expected`
+                "image": {"png": "/abs/image.png", "expected": "processor_pixel_values", "atol": 1e-5},
+                "pipeline": {"task": "image-classification", "png": "/abs/gray.png", "expected": "pipeline",
+                             "labels": ["class 0", ...], "atol": 1e-5}}]}
+
+`image` is given where the folder holds preprocessor_config.json, in one case per folder (a folder holding one
+that no case's `image` covers fails).
+
+Every load must report no missing, mismatched or unexpected key and no error (`output_loading_info=True`); the
+one exception is a base model loaded from a folder with a head (e.g. AutoModel from a
+SwinForImageClassification export), whose unexpected keys may only be the head's (`allow_unexpected`, e.g.
+"classifier."): the base model never has them. Its weights must be fp32 as loaded (no cast here), and it
+runs in eval mode.
+
+What the expected tensors are, in terms of Tessera's model (`ours`; tests/test_transformers5.py computes them
+in Tessera's venv and cross-checks each against transformers 4.57 there):
+  last_hidden_state  = ours.forward_features(x)  (ViT: (B, 1 + N, D) with the final norm; Swin/Swin V2:
+                       (B, L, C), normed; ConvNeXt/V2, PVT v2, PoolFormer: the last stage's (B, C, h, w) map,
+                       before the pooled norm)
+  pooler_output      = ours.forward_head(features, pre_logits=True)  (ViTModel: the normed cls token through
+                       the exported identity pooler; Swin/V2: token mean; ConvNeXt/V2: normed map mean; where
+                       the HF model has one: not PvtV2Model, PoolFormerModel, or a ViTModel without pooler)
+  logits             = ours(x)  (a classifier head; PoolFormer without one: its pooled features, as its
+                       exported Identity classifier gives)
+  MAE (ViTMAEForPreTraining, noise given): logits = Tessera's `pred`, loss, mask, ids_restore; ViTMAEModel's
+                       last_hidden_state = the encoder on the kept tokens (Tessera's `latent`)
+  pipeline           = Tessera's result on the PNG (its eval transform, then the model): class probabilities in
+                       `labels` order (image-classification), or the encoder's features (image-feature-extraction)
+  processor_pixel_values = Tessera's eval transform (pretrain.data.transforms.ImageTransform: to [0, 1],
+                       resize, normalize) of the PNG, which is at the processor's size already, with the
+                       image_mean/image_std of the export's preprocessor_config.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import load_file
+
+RESULT_FIELDS = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+
+
+def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    if tuple(got.shape) != tuple(want.shape):
+        raise AssertionError(f"shape {tuple(got.shape)} != expected {tuple(want.shape)}")
+    if got.numel() == 0:
+        return 0.0
+    return (got.detach().double() - want.double()).abs().max().item()
+
+
+def loading_problems(info: dict, allow_unexpected: list[str]) -> list[str]:
+    problems = []
+    for field in RESULT_FIELDS:
+        if field not in info:
+            problems.append(f"loading info has no {field!r} (fields: {sorted(info)})")
+            continue
+        keys = sorted(map(str, info[field]))
+        if field == "unexpected_keys":
+            keys = [k for k in keys if not any(k.startswith(p) for p in allow_unexpected)]
+        if keys:
+            problems.append(f"{field} ({len(keys)}): {keys[:12]}{' ...' if len(keys) > 12 else ''}")
+    return problems
+
+
+def run_load(case: dict, load: dict, inputs: dict, expected: dict, atol: float) -> tuple[float, list[str]]:
+    """(largest error, problems) for one class loading one folder."""
+    cls = getattr(transformers, load["cls"])
+    model, info = cls.from_pretrained(case["folder"], output_loading_info=True, **load.get("kwargs", {}))
+    problems = loading_problems(info, load.get("allow_unexpected", []))
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    if dtypes != ["torch.float32"]:
+        problems.append(f"parameters load as {dtypes}, not float32")
+    model = model.float().eval()
+    kw = {name: inputs[name] for name in load["inputs"]}
+    with torch.no_grad():
+        out = model(**kw)
+    worst = 0.0
+    if not load["outputs"]:
+        problems.append("the manifest names no output to compare")
+    for field, key in load["outputs"].items():
+        got = getattr(out, field, None)
+        if got is None:
+            problems.append(f"{field}: {type(model).__name__} returned none")
+            continue
+        try:
+            err = max_err(got, expected[key])
+        except AssertionError as e:
+            problems.append(f"{field}: {e}")
+            continue
+        worst = max(worst, err)
+        if not err <= atol:  # (NaN fails too)
+            problems.append(f"{field}: max abs error {err:.3g} > {atol:g}")
+    return worst, [f"{load['cls']} ({type(model).__name__}): {p}" for p in problems]
+
+
+def run_image(case: dict, expected: dict) -> tuple[float, list[str]]:
+    """AutoImageProcessor of the folder on the saved PNG vs Tessera's eval transform of it."""
+    image = case["image"]
+    proc = transformers.AutoImageProcessor.from_pretrained(case["folder"])
+    with Image.open(image["png"]) as im:
+        im.load()
+        got = proc(images=im, return_tensors="pt")["pixel_values"]
+    name = f"AutoImageProcessor ({type(proc).__name__})"
+    try:
+        err = max_err(got, expected[image["expected"]])
+    except AssertionError as e:
+        return 0.0, [f"{name}: pixel_values {e}"]
+    if not err <= image["atol"]:
+        return err, [f"{name}: pixel_values max abs error {err:.3g} > {image['atol']:g}"]
+    return err, []
+
+
+def run_pipeline(case: dict, expected: dict) -> tuple[float, list[str]]:
+    """transformers' pipeline on the folder and the saved PNG, as a user runs it, vs Tessera's result:
+    image-classification scores under the exported class names (expected: probabilities in `labels` order),
+    image-feature-extraction features."""
+    spec = case["pipeline"]
+    labels = spec.get("labels")
+    out = transformers.pipeline(spec["task"], model=case["folder"])(
+        spec["png"], **({"top_k": len(labels)} if labels else {})
+    )
+    name = f"pipeline({spec['task']!r})"
+    if labels:
+        if sorted(d["label"] for d in out) != sorted(labels):
+            return 0.0, [f"{name}: labels {[d['label'] for d in out]}, exported {labels}"]
+        got = torch.tensor([next(d["score"] for d in out if d["label"] == label) for label in labels])
+    else:
+        got = torch.tensor(out)
+    try:
+        err = max_err(got, expected[spec["expected"]])
+    except AssertionError as e:
+        return 0.0, [f"{name}: {e}"]
+    if not err <= spec["atol"]:
+        return err, [f"{name}: max abs error {err:.3g} > {spec['atol']:g}"]
+    return err, []
+
+
+def run_case(case: dict, atol: float) -> tuple[float, list[str], list[str]]:
+    """(largest error, what was checked, problems)."""
+    inputs, expected = load_file(case["inputs"]), load_file(case["expected"])
+    worst, checked, problems = 0.0, [], []
+    if not case["loads"]:
+        problems.append("the manifest names no class to load the folder with")
+    for load in case["loads"]:
+        checked.append(load["cls"])
+        try:
+            err, found = run_load(case, load, inputs, expected, atol)
+        except Exception:
+            err, found = 0.0, [f"{load['cls']}: raised\n{traceback.format_exc()}"]
+        worst, problems = max(worst, err), problems + found
+    for key, run, what in (
+        ("image", run_image, "AutoImageProcessor"),
+        ("pipeline", run_pipeline, "pipeline"),
+    ):
+        if case.get(key):
+            checked.append(what if key == "image" else f"pipeline({case[key]['task']!r})")
+            try:
+                err, found = run(case, expected)
+            except Exception:
+                err, found = 0.0, [f"{what}: raised\n{traceback.format_exc()}"]
+            worst, problems = max(worst, err), problems + found
+    return worst, checked, problems
+
+
+def foreign_modules() -> list[str]:
+    """Modules imported from this checkout (other than this file and the venv inside it): must be none."""
+    root = Path(__file__).resolve().parents[1]
+    venv, me = Path(sys.prefix).resolve(), Path(__file__).resolve()
+    found = []
+    for name, mod in list(sys.modules.items()):
+        path = getattr(mod, "__file__", None)
+        if not path:
+            continue
+        p = Path(path).resolve()
+        if p != me and p.is_relative_to(root) and not p.is_relative_to(venv):
+            found.append(f"{name} ({p})")
+    return found
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: tf5_check.py MANIFEST.json", file=sys.stderr)
+        return 2
+    manifest = json.loads(Path(argv[0]).read_text())
+    atol = float(manifest.get("atol", 1e-5))
+    cases = manifest.get("cases") or []
+    if not cases:
+        print("error: the manifest lists no case", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)  # (nothing here draws randomness: MAE's noise is an input; kept for determinism)
+    print(
+        f"transformers {transformers.__version__} | torch {torch.__version__} | "
+        f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')} | {len(cases)} cases | atol {atol:g}"
+    )
+    failed = []
+    width = max(len(c["name"]) for c in cases)
+    for case in cases:
+        worst, checked, problems = run_case(case, atol)
+        status = "FAIL" if problems else "PASS"
+        print(
+            f"{status} {case['name']:<{width}}  max abs err {worst:.2e}  [{', '.join(checked)}]", flush=True
+        )
+        if problems:
+            failed.append((case, problems))
+    # a folder's preprocessor_config.json is checked once, with the case that gives an image
+    unchecked = sorted(
+        {c["folder"] for c in cases if (Path(c["folder"]) / "preprocessor_config.json").is_file()}
+        - {c["folder"] for c in cases if c.get("image")}
+    )
+    if unchecked:
+        failed.append(({"name": "(image processors)"}, [f"preprocessor_config.json, no image: {unchecked}"]))
+    foreign = foreign_modules()
+    if foreign:
+        failed.append(({"name": "(isolation)"}, [f"imported from the repository: {foreign}"]))
+    print(f"{len(cases) - sum('folder' in c for c, _ in failed)}/{len(cases)} cases passed")
+    for case, problems in failed:
+        print(f"\n--- FAIL {case['name']} ({case.get('folder', '')})")
+        for p in problems:
+            print("  " + p.replace("\n", "\n    "))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
