@@ -4,10 +4,13 @@ MaxViT which has none in transformers).
 
 One step = forward to logits (1000 classes) + cross-entropy + backward, same batch for both. Models are timed
 alternately (Tessera, twin; then twin, Tessera; ...) after warmup, and the median over rounds is reported. Before timing
-we check that both give the same fp32 logits, so both do the same work. Results and analysis: docs/benchmarks.md.
+we check on the CPU that both give the same float64 logits, so both do the same work; then both move to `--device`
+and train in `--precision` (bf16: torch.autocast for both). Results and analysis: docs/benchmarks.md;
+benchmarks/gpu_check.py calls `bench` per family.
 
     .venv/bin/python benchmarks/backbones_vs_twins.py                       # every family
     .venv/bin/python benchmarks/backbones_vs_twins.py --family swin convnext --batch 8 --rounds 5
+    python benchmarks/backbones_vs_twins.py --device cuda --precision bf16 --batch 64
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ BASE = {
     "poolformer": "poolformer_m36",
     "maxvit": "maxvit_base_224",
 }
+# family -> its CI-sized member (`--size test`: a quick run of the same code, e.g. benchmarks/gpu_check.py --smoke)
+TEST = {
+    "vit": "vit_test_patch4",
+    "swin": "swin_test",
+    "swinv2": "swinv2_test",
+    "convnext": "convnext_test",
+    "convnextv2": "convnextv2_test",
+    "pvt_v2": "pvt_v2_test",
+    "poolformer": "poolformer_test",
+    "maxvit": "maxvit_test",
+}
 
 
 def hf_twin(model: torch.nn.Module):
@@ -66,11 +80,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: torch.autocast for both"
+    )
+    p.add_argument(
+        "--size", choices=("base", "test"), default="base", help="paper base size, or the CI-sized one"
+    )
     return p.parse_args(argv)
 
 
-def step(fn, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor]) -> float:
-    loss = F.cross_entropy(fn(x), y)
+def step(fn, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], bf16: bool = False) -> float:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(fn(x), y)
     loss.backward()
     for p in params:
         p.grad = None
@@ -78,9 +100,11 @@ def step(fn, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor]) -> fl
 
 
 def bench(family: str, args: argparse.Namespace) -> dict:
+    model_name = (TEST if args.size == "test" else BASE)[family]
+    device, bf16 = args.device, args.precision == "bf16"
     torch.manual_seed(0)
     ours = create_model(
-        BASE[family], num_classes=1000
+        model_name, num_classes=1000
     ).eval()  # eval: no stochastic depth, same math as the twin
     name, twin, twin_fn = twin_of(family, ours)
     twin.eval()
@@ -96,27 +120,27 @@ def bench(family: str, args: argparse.Namespace) -> dict:
         ours.float(), twin.float()
     diff = (a - b).abs().max().item()
     assert diff < 1e-6 * max(1.0, a.abs().max().item()), f"{family}: float64 logits differ by {diff}"
+    ours.to(device), twin.to(device)
+    x, y = x.to(device), y.to(device)
     runners = [("tessera", ours, list(ours.parameters())), (name, twin_fn, list(twin.parameters()))]
     times: dict[str, list[float]] = {r[0]: [] for r in runners}
     for _, fn, params in runners:
         for _ in range(args.warmup):
-            step(fn, x, y, params)
+            step(fn, x, y, params, bf16)
     for rnd in range(args.rounds):
         for label, fn, params in (
             runners if rnd % 2 == 0 else runners[::-1]
         ):  # ABBA: neither always goes first
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                step(fn, x, y, params)
+                step(fn, x, y, params, bf16)  # ends in loss.item(): the device has finished
             times[label].append(time.perf_counter() - t0)
     rate = {k: args.batch * args.steps / statistics.median(v) for k, v in times.items()}
     n_params = sum(p.numel() for p in ours.parameters()) / 1e6
-    row = dict(
-        family=family, model=BASE[family], twin=name, params_m=n_params, size=size, max_logit_diff=diff
-    )
+    row = dict(family=family, model=model_name, twin=name, params_m=n_params, size=size, max_logit_diff=diff)
     row.update(ours=rate["tessera"], theirs=rate[name], ratio=rate["tessera"] / rate[name])
     print(
-        f"{family:11s} {BASE[family]:30s} {n_params:6.1f}M {size}px  tessera {row['ours']:6.2f} img/s  "
+        f"{family:11s} {model_name:30s} {n_params:6.1f}M {size}px  tessera {row['ours']:6.2f} img/s  "
         f"{name} {row['theirs']:6.2f} img/s  ratio {row['ratio']:.2f}  (float64 logits max diff {diff:.1e})",
         flush=True,
     )
@@ -128,9 +152,11 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tf = import_transformers()
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} cores"
     print(
-        f"torch {torch.__version__}, transformers {tf.__version__}, {os.cpu_count()} cores, threads "
-        f"{torch.get_num_threads()}, batch {args.batch}, fp32, forward+backward, median of {args.rounds} rounds"
+        f"torch {torch.__version__}, transformers {tf.__version__}, {args.device} ({where}), threads "
+        f"{torch.get_num_threads()}, batch {args.batch}, {args.precision}, forward+backward, "
+        f"median of {args.rounds} rounds"
     )
     rows = [bench(f, args) for f in args.family]
     print(f"\nload average {os.getloadavg()[0]:.2f} (1 min, at the end)")

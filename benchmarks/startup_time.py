@@ -58,7 +58,9 @@ def main() -> int:
     print("|---|---|---|---|")
     for label, t in times.items():
         ms = [x * 1e3 for x in t]
-        print(f"| {label} | {statistics.median(ms):.2f} | {statistics.mean(ms):.2f} | {statistics.stdev(ms):.2f} |")
+        print(
+            f"| {label} | {statistics.median(ms):.2f} | {statistics.mean(ms):.2f} | {statistics.stdev(ms):.2f} |"
+        )
     print(f"with the hook, torch imported at start: {check[0]}, torchvision imported at start: {check[1]}")
     return 0
 

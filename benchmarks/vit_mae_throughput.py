@@ -5,7 +5,10 @@ with the same batch, images, mask noise and precision for every model. Models ar
 Tessera, HF sdpa, HF eager; then again) after warmup steps; we report the median over rounds. HF is built from
 Tessera's weights with `mae_to_hf`, and before timing we assert that all fp32 losses agree to 1e-4, so every
 model does the same work. The headline ratio is Tessera / HF sdpa (transformers' default attention, its
-strongest baseline here); eager is reported alongside. Results and analysis: docs/benchmarks.md.
+strongest baseline here); eager is reported alongside. MFU: model FLOPs per sample counted once on the meta device
+(pretrain.mfu.count_train_flops; the same for every model, which do the same work) over the device's peak
+(pretrain.mfu.device_peak_tflops: the GPU's bf16 data-sheet peak, or a measured CPU matmul rate). Results and
+analysis: docs/benchmarks.md; `run(args)` returns the numbers (benchmarks/gpu_check.py calls it).
 
     .venv/bin/python benchmarks/vit_mae_throughput.py --batch 8 --steps 2 --rounds 8 --warmup 2
 """
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from models import create_model  # noqa: E402
 from models.vit_hf import mae_to_hf  # noqa: E402
 from ops.compat import import_transformers  # noqa: E402
+from pretrain.mfu import count_train_flops, device_peak_tflops  # noqa: E402
 from pretrain.objectives.mae import MAE, MAEConfig  # noqa: E402
 from pretrain.optim import param_groups  # noqa: E402
 
@@ -47,7 +51,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         "and HF Trainer on torch>=2.8 both use the fused one",
     )
     p.add_argument("--no-eager", action="store_true", help="skip transformers' eager-attention variant")
+    p.add_argument("--decoder", default="512x8x16", help="MAE decoder DIMxDEPTHxHEADS (MAE paper: 512x8x16)")
     return p.parse_args(argv)
+
+
+def mae_config(args: argparse.Namespace) -> MAEConfig:
+    dim, depth, heads = (int(v) for v in args.decoder.split("x"))
+    return MAEConfig(
+        mask_ratio=0.75, norm_pix_loss=True, decoder_dim=dim, decoder_depth=depth, decoder_heads=heads
+    )
+
+
+def flops_per_sample(args: argparse.Namespace) -> float:
+    """Model FLOPs of one train step (forward + backward) per sample, counted on the meta device."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        mae = MAE(create_model(args.model, pos_embed="sincos"), mae_config(args)).to("meta")
+        vit = mae.backbone
+        size = vit.patch_embed.img_size
+        x = torch.empty(args.batch, vit.in_chans, size, size)
+        return count_train_flops(mae, {"image": x}) / args.batch
 
 
 class Runner:
@@ -76,7 +98,7 @@ def sync(device: str) -> None:
 def build(args: argparse.Namespace) -> list[Runner]:
     torch.manual_seed(0)
     vit = create_model(args.model, pos_embed="sincos")  # fixed sin-cos, as MAE (and HF's ViTMAE, frozen)
-    cfg = MAEConfig(mask_ratio=0.75, norm_pix_loss=True, decoder_dim=512, decoder_depth=8, decoder_heads=16)
+    cfg = mae_config(args)
     mae = MAE(vit, cfg)
     # Built before any step, so both hold the same weights.
     hf = mae_to_hf(mae.backbone, mae.decoder, cfg.mask_ratio, cfg.norm_pix_loss)
@@ -98,11 +120,16 @@ def build(args: argparse.Namespace) -> list[Runner]:
     return runners
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict:
+    """Build, check parity, time; returns {"rate": {name: samples/s}, "times": {name: [s per round]}, ...}."""
     if args.threads:
         torch.set_num_threads(args.threads)
     tf = import_transformers()
+    flops = flops_per_sample(args)
+    try:
+        peak, peak_source = device_peak_tflops(torch.device(args.device), args.precision)
+    except LookupError as err:  # a GPU missing from pretrain.mfu.GPU_PEAK_TFLOPS: no MFU
+        peak, peak_source = None, str(err)
     runners = build(args)
     vit = runners[0].model.backbone
     g = torch.Generator().manual_seed(1)
@@ -114,9 +141,10 @@ def main(argv=None) -> None:
     ]
     batches = [(x.to(args.device), noise.to(args.device)) for x, noise in batches]
 
-    # Same function? Losses before any update, in fp32 (bf16 rounding differs between graphs).
+    # Same function? Losses before any update, in fp32 (bf16 rounding differs between graphs; TF32 off on CUDA,
+    # where cuDNN convolutions would otherwise use it).
     x, noise = batches[0]
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         losses = {r.name: r.forward(x, noise).item() for r in runners}
     assert all(abs(v - losses["tessera"]) < 1e-4 for v in losses.values()), f"loss mismatch: {losses}"
     print(f"parity ok (fp32 loss, step 0): {losses}")
@@ -140,26 +168,52 @@ def main(argv=None) -> None:
             + "  ".join(f"{r.name} {args.batch * args.steps / r.times[-1]:.2f}/s" for r in runners),
             flush=True,
         )
+    rate = {r.name: args.batch * args.steps / statistics.median(r.times) for r in runners}
+    return {
+        "transformers": tf.__version__,
+        "losses": losses,
+        "rate": rate,
+        "times": {r.name: r.times for r in runners},
+        "flops_per_sample": flops,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "mfu": {k: None if peak is None else v * flops / (peak * 1e12) for k, v in rate.items()},
+    }
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    res = run(args)
     print(
-        f"\ntorch {torch.__version__}, transformers {tf.__version__}, device {args.device}"
+        f"\ntorch {torch.__version__}, transformers {res['transformers']}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" ({os.cpu_count()} cores)")
         + f", threads {torch.get_num_threads()}, precision {args.precision}"
         + f", load average {os.getloadavg()[0]:.2f} (1 min, at the end)"
     )
     print(
-        f"{args.model} MAE (decoder 512x8x16, mask 0.75, norm_pix), batch {args.batch}, "
+        f"{args.model} MAE (decoder {args.decoder}, mask 0.75, norm_pix), batch {args.batch}, "
         f"{args.steps} steps x {args.rounds} rounds, warmup {args.warmup}, "
         f"AdamW {'torch default' if args.plain_adamw else 'fused'}"
     )
-    rate = {r.name: args.batch * args.steps / statistics.median(r.times) for r in runners}
+    peak = res["peak_tflops"]
+    print(
+        f"model FLOPs per sample (train step) {res['flops_per_sample'] / 1e9:.2f} G; peak "
+        + ("unknown" if peak is None else f"{peak:.3g} TFLOP/s")
+        + f" ({res['peak_source']})"
+    )
+    rate, times = res["rate"], res["times"]
     for name, v in rate.items():
-        print(f"  {name:<10} {v:8.2f} samples/s  ({1000 * args.batch / v:7.0f} ms/step, median)")
-    for i, r in enumerate(runners[1:]):  # runners[1]: transformers' default attention (sdpa), the headline
-        per_round = sorted(t / t0 for t, t0 in zip(r.times, runners[0].times))  # same round, adjacent in time
+        mfu = res["mfu"][name]
+        print(
+            f"  {name:<10} {v:8.2f} samples/s  ({1000 * args.batch / v:7.0f} ms/step, median)"
+            + ("" if mfu is None else f"  MFU {100 * mfu:.1f}%")
+        )
+    names = list(rate)
+    for i, name in enumerate(names[1:]):  # names[1]: transformers' default attention (sdpa), the headline
+        per_round = sorted(t / t0 for t, t0 in zip(times[name], times["tessera"]))  # same round, adjacent
         tag = "  (headline)" if i == 0 else ""
         print(
-            f"  ratio tessera / {r.name}: {rate['tessera'] / rate[r.name]:.3f}{tag}"
+            f"  ratio tessera / {name}: {rate['tessera'] / rate[name]:.3f}{tag}"
             f"   per round: median {statistics.median(per_round):.3f}, "
             f"range {per_round[0]:.3f}-{per_round[-1]:.3f}"
         )
