@@ -28,6 +28,7 @@ import torch
 
 from models.convnext import ConvNeXt, ConvNeXtV2
 from models.hf import HFAdapter, backbone_state, load_strict, register_hf
+from models.hf_config import check_drop_path, check_gelu, nominal_size, reject, square
 from ops.compat import import_transformers
 
 # (Tessera, HF) name pieces, replaced in this order on whole key prefixes
@@ -120,13 +121,6 @@ def convnext_to_hf(model: ConvNeXt):
     return load_strict(hf, sd, f"convnext_to_hf ({type(model).__name__} -> {type(hf).__name__})")
 
 
-EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
-
-
-def _reject(cfg, field: str, why: str):
-    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r}: {why}")
-
-
 def convnext_kwargs_from_hf(cfg, v2: bool) -> dict:
     """ConvNeXt (V2) arguments of a ConvNextConfig / ConvNextV2Config, reading what transformers' model reads;
     ValueError naming the field Tessera's ConvNeXt cannot represent.
@@ -136,41 +130,31 @@ def convnext_kwargs_from_hf(cfg, v2: bool) -> dict:
     so any (height, width) is accepted (Tessera keeps the height as its nominal img_size; every input size runs
     either way); a layer_scale_init_value <= 0 means no layer scale (V1; V2 has none). drop_path_rate is
     training only, out_features / out_indices (ConvNextBackbone) change no output."""
-    if cfg.hidden_act not in EXACT_GELU:
-        _reject(cfg, "hidden_act", "Tessera's ConvNeXt uses the exact GELU ('gelu')")
+    check_gelu(cfg, "ConvNeXt")
     n = cfg.num_stages
     if not 1 <= n <= min(len(cfg.depths), len(cfg.hidden_sizes)):
-        _reject(
+        reject(
             cfg,
             "num_stages",
             f"needs 1 to len(depths) {len(cfg.depths)} / len(hidden_sizes) {len(cfg.hidden_sizes)} stages",
         )
     if cfg.hidden_sizes[-1] != cfg.hidden_sizes[n - 1]:  # transformers cannot run it either
-        _reject(
+        reject(
             cfg,
             "hidden_sizes",
             f"the final LayerNorm takes hidden_sizes[-1] channels, the last of num_stages={n} stages gives "
             f"hidden_sizes[{n - 1}]",
         )
-    patch = cfg.patch_size
-    if isinstance(patch, (list, tuple)):
-        if not (len(patch) == 2 and patch[0] == patch[1]):
-            _reject(cfg, "patch_size", "Tessera's ConvNeXt stem takes a square patch (one int)")
-        patch = patch[0]
-    size = cfg.image_size
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2:
-            _reject(cfg, "image_size", "expected an int or (height, width)")
-        size = size[0]
-    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
-        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+    patch = square(cfg, "patch_size", "ConvNeXt")
+    size = nominal_size(cfg)
+    drop_path_rate = check_drop_path(cfg)
     kw = dict(
         img_size=int(size),
         patch_size=int(patch),
         in_chans=cfg.num_channels,
         depths=tuple(int(d) for d in cfg.depths[:n]),
         dims=tuple(int(d) for d in cfg.hidden_sizes[:n]),
-        drop_path_rate=float(cfg.drop_path_rate),
+        drop_path_rate=drop_path_rate,
         head_norm_eps=float(cfg.layer_norm_eps),
     )
     if not v2:

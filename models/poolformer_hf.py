@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from models.hf import HFAdapter, load_strict, register_hf
+from models.hf_config import check_drop_path, check_gelu, nominal_size, reject, square_entries
 from models.poolformer import PoolFormer
 from ops.compat import import_transformers
 
@@ -94,22 +95,6 @@ def poolformer_to_hf(model: PoolFormer):
     return load_strict(hf, {k: v.contiguous() for k, v in out.items()}, "poolformer_to_hf")
 
 
-EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
-
-
-def _reject(cfg, field: str, why: str):
-    raise ValueError(f"PoolFormerConfig.{field}={getattr(cfg, field)!r}: {why}")
-
-
-def _entries(cfg, field: str, n: int) -> list:
-    """The first n entries of a per-stage conv list, a pair of equal ints read as that int (transformers'
-    PoolFormerEmbeddings takes an int or a pair for each)."""
-    return [
-        v[0] if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] else v
-        for v in getattr(cfg, field)[:n]
-    ]
-
-
 def poolformer_kwargs_from_hf(cfg, classifier: bool) -> dict:
     """PoolFormer arguments of a PoolFormerConfig, reading what transformers' PoolFormer reads; ValueError naming
     the field Tessera's PoolFormer cannot represent.
@@ -119,16 +104,15 @@ def poolformer_kwargs_from_hf(cfg, classifier: bool) -> dict:
     (`classifier`) sizes its final norm and classifier by hidden_sizes[-1]. patch_size and stride (singular)
     are never read; image_size is not a PoolFormerConfig field (Tessera's export keeps its nominal size
     there). drop_path_rate is training only."""
-    if cfg.hidden_act not in EXACT_GELU:
-        _reject(cfg, "hidden_act", "Tessera's PoolFormer uses the exact GELU ('gelu')")
+    check_gelu(cfg, "PoolFormer")
     n = cfg.num_encoder_blocks
     if n < 1:
-        _reject(cfg, "num_encoder_blocks", "needs at least one stage")
+        reject(cfg, "num_encoder_blocks", "needs at least one stage")
     for field in ("depths", "hidden_sizes", "patch_sizes", "strides", "padding"):
         if len(getattr(cfg, field)) < n:
-            _reject(cfg, field, f"needs an entry for each of num_encoder_blocks={n} stages")
+            reject(cfg, field, f"needs an entry for each of num_encoder_blocks={n} stages")
     if classifier and cfg.hidden_sizes[-1] != cfg.hidden_sizes[n - 1]:  # transformers cannot run it either
-        _reject(
+        reject(
             cfg,
             "hidden_sizes",
             f"the final norm takes hidden_sizes[-1] channels, the last of num_encoder_blocks={n} stages gives "
@@ -136,20 +120,17 @@ def poolformer_kwargs_from_hf(cfg, classifier: bool) -> dict:
         )
     layout = dict(patch_sizes=[7] + [3] * (n - 1), strides=[4] + [2] * (n - 1), padding=[2] + [1] * (n - 1))
     for field, expected in layout.items():
-        if _entries(cfg, field, n) != expected:
-            _reject(
+        if square_entries(cfg, field, n, "PoolFormer") != expected:
+            reject(
                 cfg,
                 field,
                 f"Tessera's PoolFormer has the paper's stem k7 s4 p2 and downsampling k3 s2 p1 (for "
                 f"num_encoder_blocks={n}: {field} {expected})",
             )
     if not isinstance(cfg.pool_size, int) or cfg.pool_size % 2 == 0:  # transformers cannot run those either
-        _reject(cfg, "pool_size", "an odd int (an even pooling window changes the map size)")
-    size = getattr(cfg, "image_size", 224)
-    if isinstance(size, (list, tuple)):
-        size = size[0]
-    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
-        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+        reject(cfg, "pool_size", "an odd int (an even pooling window changes the map size)")
+    size = nominal_size(cfg) if hasattr(cfg, "image_size") else 224
+    drop_path_rate = check_drop_path(cfg)
     return dict(
         img_size=int(size),
         in_chans=cfg.num_channels,
@@ -159,7 +140,7 @@ def poolformer_kwargs_from_hf(cfg, classifier: bool) -> dict:
         pool_size=cfg.pool_size,
         layer_scale_init=float(cfg.layer_scale_init_value),
         use_layer_scale=bool(cfg.use_layer_scale),
-        drop_path_rate=float(cfg.drop_path_rate),
+        drop_path_rate=drop_path_rate,
     )
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from models.hf import HFAdapter, load_strict, register_hf
+from models.hf_config import check_drop_path, check_gelu, nominal_size, reject, square_entries
 from models.pvt_v2 import PyramidVisionTransformerV2
 from ops.compat import import_transformers
 
@@ -122,7 +123,6 @@ def pvt_v2_to_hf(model: PyramidVisionTransformerV2) -> nn.Module:
     return load_strict(tf.PvtV2Model(cfg), backbone_to_hf(model), "pvt_v2 to_hf")
 
 
-EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
 _PER_STAGE = (
     "depths",
     "sr_ratios",
@@ -134,23 +134,6 @@ _PER_STAGE = (
 )
 
 
-def _reject(cfg, field: str, why: str):
-    raise ValueError(f"PvtV2Config.{field}={getattr(cfg, field)!r}: {why}")
-
-
-def _square_entries(cfg, field: str, n: int) -> tuple[int, ...]:
-    """The first n entries of a per-stage kernel/stride list, each an int or a pair of equal ints (transformers'
-    Conv2d takes either)."""
-    out = []
-    for v in getattr(cfg, field)[:n]:
-        if isinstance(v, (list, tuple)):
-            if not (len(v) == 2 and v[0] == v[1]):
-                _reject(cfg, field, "Tessera's PVT v2 takes square kernels and strides (one int per stage)")
-            v = v[0]
-        out.append(int(v))
-    return tuple(out)
-
-
 def _kwargs_from_config(cfg, classifier: bool = False) -> dict:
     """Constructor arguments for a PvtV2Config, reading what transformers' PVT v2 reads; ValueError naming the
     field Tessera cannot represent.
@@ -160,30 +143,24 @@ def _kwargs_from_config(cfg, classifier: bool = False) -> dict:
     hidden_sizes[-1] channels. image_size is never read (any (height, width) is accepted; Tessera keeps the
     height as its nominal img_size, every input size runs either way). Dropouts are training only,
     out_features / out_indices (PvtV2Backbone) change no output."""
-    if cfg.hidden_act not in EXACT_GELU:
-        _reject(cfg, "hidden_act", "Tessera's PVT v2 uses the exact GELU ('gelu')")
+    check_gelu(cfg, "PVT v2")
     n = cfg.num_encoder_blocks
     if n < 1:
-        _reject(cfg, "num_encoder_blocks", "needs at least one stage")
+        reject(cfg, "num_encoder_blocks", "needs at least one stage")
     for field in _PER_STAGE:
         if len(getattr(cfg, field)) < n:
-            _reject(cfg, field, f"needs an entry for each of num_encoder_blocks={n} stages")
+            reject(cfg, field, f"needs an entry for each of num_encoder_blocks={n} stages")
     if classifier and cfg.hidden_sizes[-1] != cfg.hidden_sizes[n - 1]:
         # PvtV2ForImageClassification views the last map's channels as hidden_sizes[-1]: it fails, or (when
         # the sizes happen to divide) pools a reshuffled map; neither is a model Tessera can be
-        _reject(
+        reject(
             cfg,
             "hidden_sizes",
             f"the classifier reads hidden_sizes[-1] channels, the last of num_encoder_blocks={n} stages gives "
             f"hidden_sizes[{n - 1}]",
         )
-    size = cfg.image_size
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2:
-            _reject(cfg, "image_size", "expected an int or (height, width)")
-        size = size[0]
-    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
-        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+    size = nominal_size(cfg)
+    drop_path_rate = check_drop_path(cfg)
     return dict(
         img_size=int(size),
         in_chans=cfg.num_channels,
@@ -192,11 +169,11 @@ def _kwargs_from_config(cfg, classifier: bool = False) -> dict:
         num_heads=tuple(int(h) for h in cfg.num_attention_heads[:n]),
         mlp_ratios=tuple(cfg.mlp_ratios[:n]),
         sr_ratios=tuple(int(r) for r in cfg.sr_ratios[:n]),
-        patch_sizes=_square_entries(cfg, "patch_sizes", n),
-        strides=_square_entries(cfg, "strides", n),
+        patch_sizes=tuple(square_entries(cfg, "patch_sizes", n, "PVT v2")),
+        strides=tuple(square_entries(cfg, "strides", n, "PVT v2")),
         linear=bool(cfg.linear_attention),
         qkv_bias=bool(cfg.qkv_bias),
-        drop_path_rate=float(cfg.drop_path_rate),
+        drop_path_rate=drop_path_rate,
         norm_eps=float(cfg.layer_norm_eps),
     )
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from models.hf import HFAdapter, backbone_state, load_strict, register_hf, swin_stages
+from models.hf_config import check_drop_path, check_gelu, nominal_size, reject, square
 from models.swin import SwinTransformer
 from ops.compat import import_transformers
 
@@ -133,23 +134,6 @@ def swin_to_hf(model: SwinTransformer):
     return load_strict(hf, sd, "swin_to_hf")
 
 
-EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
-
-
-def _reject(cfg, field: str, why: str):
-    raise ValueError(f"SwinConfig.{field}={getattr(cfg, field)!r}: {why}")
-
-
-def _square(cfg, field: str) -> int:
-    """An int, or a pair of equal ints (transformers takes either for image_size, patch_size, window_size)."""
-    v = getattr(cfg, field)
-    if isinstance(v, int):
-        return v
-    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
-        return int(v[0])
-    _reject(cfg, field, f"Tessera's Swin takes a square {field} (one int)")
-
-
 def swin_kwargs_from_hf(cfg) -> dict:
     """SwinTransformer arguments of a SwinConfig, reading what SwinModel reads; ValueError naming the field
     Tessera's Swin cannot represent. transformers reads num_heads[i] for the len(depths) stages only (a longer
@@ -157,37 +141,31 @@ def swin_kwargs_from_hf(cfg) -> dict:
     and Tessera keeps the height as its nominal img_size (every input size runs either way). Dropouts
     (training only), encoder_stride (masked image modelling) and out_features / out_indices (SwinBackbone)
     change no output of the imported model."""
-    if cfg.hidden_act not in EXACT_GELU:
-        _reject(cfg, "hidden_act", "Tessera's Swin uses the exact GELU ('gelu')")
+    check_gelu(cfg, "Swin")
     if cfg.use_absolute_embeddings:
-        _reject(
+        reject(
             cfg,
             "use_absolute_embeddings",
             "Tessera's Swin has no absolute position embedding (the paper's models use only the relative bias)",
         )
     n = len(cfg.depths)
     if not n:
-        _reject(cfg, "depths", "needs at least one stage")
+        reject(cfg, "depths", "needs at least one stage")
     if len(cfg.num_heads) < n:
-        _reject(cfg, "num_heads", f"needs an entry for each of the {n} stages of depths {list(cfg.depths)}")
-    size = cfg.image_size
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2:
-            _reject(cfg, "image_size", "expected an int or (height, width)")
-        size = size[0]
-    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
-        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+        reject(cfg, "num_heads", f"needs an entry for each of the {n} stages of depths {list(cfg.depths)}")
+    size = nominal_size(cfg)
+    drop_path_rate = check_drop_path(cfg)
     return dict(
         img_size=int(size),
-        patch_size=_square(cfg, "patch_size"),
+        patch_size=square(cfg, "patch_size", "Swin"),
         in_chans=cfg.num_channels,
         embed_dim=cfg.embed_dim,
         depths=[int(d) for d in cfg.depths],
         num_heads=[int(h) for h in cfg.num_heads[:n]],
-        window_size=_square(cfg, "window_size"),
+        window_size=square(cfg, "window_size", "Swin"),
         mlp_ratio=float(cfg.mlp_ratio),
         qkv_bias=bool(cfg.qkv_bias),
-        drop_path_rate=float(cfg.drop_path_rate),
+        drop_path_rate=drop_path_rate,
         norm_eps=float(cfg.layer_norm_eps),
     )
 
@@ -214,7 +192,7 @@ def swin_from_hf(sd: dict[str, torch.Tensor], cfg) -> SwinTransformer:
 
 
 def _stage_sizes(cfg, H: int, W: int) -> list[tuple[int, int]]:
-    p = _square(cfg, "patch_size")
+    p = square(cfg, "patch_size", "Swin")
     h, w = -(-H // p), -(-W // p)
     sizes = []
     for _ in cfg.depths:
@@ -226,7 +204,7 @@ def _stage_sizes(cfg, H: int, W: int) -> list[tuple[int, int]]:
 def swin_hf_outputs(hf, x: torch.Tensor) -> dict:
     """A SwinModel / SwinForImageClassification's outputs in Tessera's layouts (see models/hf.py)."""
     base = getattr(hf, "swin", hf)
-    ws = _square(base.config, "window_size")
+    ws = square(base.config, "window_size", "Swin")
     small = [s for s in _stage_sizes(base.config, *x.shape[-2:]) if min(s) < ws]
     if small:
         raise ValueError(

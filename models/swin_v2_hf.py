@@ -35,6 +35,7 @@ import re
 import torch
 
 from models.hf import HFAdapter, backbone_state, load_strict, register_hf, swin_stages
+from models.hf_config import check_drop_path, check_gelu, nominal_size, reject, square
 from models.swin_v2 import NORM_EPS, SwinTransformerV2
 from ops.compat import import_transformers
 
@@ -135,23 +136,6 @@ def swinv2_to_hf(model: SwinTransformerV2):
     return load_strict(hf, sd, f"swinv2_to_hf (SwinTransformerV2 -> {type(hf).__name__})")
 
 
-EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
-
-
-def _reject(cfg, field: str, why: str):
-    raise ValueError(f"Swinv2Config.{field}={getattr(cfg, field)!r}: {why}")
-
-
-def _square(cfg, field: str) -> int:
-    """An int, or a pair of equal ints (transformers takes either for image_size and patch_size)."""
-    v = getattr(cfg, field)
-    if isinstance(v, int):
-        return v
-    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
-        return int(v[0])
-    _reject(cfg, field, f"Tessera's Swin V2 takes a square {field} (one int)")
-
-
 def _pretrained_window(cfg, p) -> int:
     """One stage's pretrained window as Swinv2SelfAttention reads it: an int p or a pair (ph, pw); ph <= 0 means
     none (the offsets are normalised by the window itself, whatever pw is), so it is 0 here."""
@@ -160,13 +144,13 @@ def _pretrained_window(cfg, p) -> int:
     elif isinstance(p, (list, tuple)) and len(p) == 2:
         ph, pw = p
     else:
-        _reject(cfg, "pretrained_window_sizes", "each entry is an int or a (height, width) pair")
+        reject(cfg, "pretrained_window_sizes", "each entry is an int or a (height, width) pair")
     if ph <= 0:
         return 0
     if pw != ph:
-        _reject(cfg, "pretrained_window_sizes", "Tessera's continuous position bias takes square windows")
+        reject(cfg, "pretrained_window_sizes", "Tessera's continuous position bias takes square windows")
     if ph == 1:  # transformers divides the offsets by ph - 1 = 0: a NaN bias
-        _reject(cfg, "pretrained_window_sizes", "a pretrained window of 1 makes transformers' bias NaN")
+        reject(cfg, "pretrained_window_sizes", "a pretrained window of 1 makes transformers' bias NaN")
     return int(ph)
 
 
@@ -179,34 +163,28 @@ def swinv2_kwargs_from_hf(cfg) -> dict:
     its map at image_size (Swinv2Layer keeps window_size[0] and shift_size[0]), so a (height, width) image_size
     imports as img_size = height. Dropouts (training only), encoder_stride (masked image modelling) and
     out_features / out_indices (Swinv2Backbone) change no output of the imported model."""
-    if cfg.hidden_act not in EXACT_GELU:
-        _reject(cfg, "hidden_act", "Tessera's Swin V2 uses the exact GELU ('gelu')")
+    check_gelu(cfg, "Swin V2")
     if cfg.use_absolute_embeddings:
-        _reject(cfg, "use_absolute_embeddings", "Swin V2 has only relative (CPB) position information")
+        reject(cfg, "use_absolute_embeddings", "Swin V2 has only relative (CPB) position information")
     if float(cfg.layer_norm_eps) != NORM_EPS:
-        _reject(
+        reject(
             cfg, "layer_norm_eps", f"Tessera's Swin V2 uses {NORM_EPS} in every LayerNorm (no eps setting)"
         )
     if not isinstance(cfg.window_size, int):
-        _reject(cfg, "window_size", "one int (as Swinv2Layer takes it)")
+        reject(cfg, "window_size", "one int (as Swinv2Layer takes it)")
     n = len(cfg.depths)
     if not n:
-        _reject(cfg, "depths", "needs at least one stage")
+        reject(cfg, "depths", "needs at least one stage")
     for field in ("num_heads", "pretrained_window_sizes"):
         v = getattr(cfg, field)
         if v is not None and len(v) < n:
-            _reject(cfg, field, f"needs an entry for each of the {n} stages of depths {list(cfg.depths)}")
+            reject(cfg, field, f"needs an entry for each of the {n} stages of depths {list(cfg.depths)}")
     pws = cfg.pretrained_window_sizes or [0] * n
-    size = cfg.image_size
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2:
-            _reject(cfg, "image_size", "expected an int or (height, width)")
-        size = size[0]
-    patch = _square(cfg, "patch_size")
+    size = nominal_size(cfg)
+    patch = square(cfg, "patch_size", "Swin V2")
     if (size // patch) >> (n - 1) < 1:  # transformers builds windows of 0 and cannot run it either
-        _reject(cfg, "image_size", f"too small for {n} stages of patch {patch}")
-    if not 0.0 <= float(cfg.drop_path_rate) < 1.0:
-        _reject(cfg, "drop_path_rate", "Tessera's stochastic depth takes a rate in [0, 1)")
+        reject(cfg, "image_size", f"too small for {n} stages of patch {patch}")
+    drop_path_rate = check_drop_path(cfg)
     return dict(
         img_size=int(size),
         patch_size=patch,
@@ -218,7 +196,7 @@ def swinv2_kwargs_from_hf(cfg) -> dict:
         pretrained_window_sizes=tuple(_pretrained_window(cfg, p) for p in pws[:n]),
         mlp_ratio=float(cfg.mlp_ratio),
         qkv_bias=bool(cfg.qkv_bias),
-        drop_path_rate=float(cfg.drop_path_rate),
+        drop_path_rate=drop_path_rate,
     )
 
 

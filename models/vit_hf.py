@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from models.hf import HFAdapter, register_hf
+from models.hf_config import check_gelu, reject, square
 from models.layers import sincos_pos_embed_2d
 from models.mae import MAEDecoder
 from models.vit import VisionTransformer
@@ -80,34 +81,16 @@ def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.T
     return {prefix + k: v.contiguous() for k, v in out.items()}
 
 
-EXACT_GELU = ("gelu", "gelu_python")  # transformers' names of the exact (erf) GELU, which Tessera's MLP uses
-
-
-def _reject(cfg, field: str, why: str):
-    raise ValueError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r}: {why}")
-
-
-def _square(cfg, field: str) -> int:
-    """An int, or a pair of equal ints (transformers takes either for image_size and patch_size)."""
-    v = getattr(cfg, field)
-    if isinstance(v, int):
-        return v
-    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int):
-        return v[0]
-    _reject(cfg, field, f"Tessera's ViT takes a square {field} (one int)")
-
-
 def encoder_kwargs_from_hf(cfg) -> dict:
     """VisionTransformer arguments of a ViTConfig / ViTMAEConfig, reading what transformers' ViT reads; ValueError
     naming the field Tessera's ViT cannot represent. Dropouts (training only) and the fields of other heads
     (encoder_stride: masked image modelling) change no output of the imported model and are not read."""
-    if cfg.hidden_act not in EXACT_GELU:
-        _reject(cfg, "hidden_act", "Tessera's ViT uses the exact GELU ('gelu')")
-    img, patch = _square(cfg, "image_size"), _square(cfg, "patch_size")
+    check_gelu(cfg, "ViT")
+    img, patch = square(cfg, "image_size", "ViT"), square(cfg, "patch_size", "ViT")
     if img % patch:
         # transformers then drops the last image_size % patch_size rows and columns (and still wants inputs of
         # exactly image_size); Tessera's ViT takes only a whole number of patches
-        _reject(cfg, "image_size", f"Tessera's ViT needs it divisible by patch_size {patch}")
+        reject(cfg, "image_size", f"Tessera's ViT needs it divisible by patch_size {patch}")
     return dict(
         img_size=img,
         patch_size=patch,
@@ -300,7 +283,9 @@ def vit_hf_outputs(hf, x: torch.Tensor) -> dict:
     """A ViTModel / ViTForImageClassification's outputs in Tessera's layouts (see models/hf.py)."""
     base = getattr(hf, "vit", hf)
     out = base(pixel_values=x, output_hidden_states=True)
-    grid = _square(hf.config, "image_size") // _square(hf.config, "patch_size")  # an int or a square pair
+    grid = square(hf.config, "image_size", "ViT") // square(
+        hf.config, "patch_size", "ViT"
+    )  # an int or a square pair
     stages = [h[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid) for h in out.hidden_states[1:]]
     pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
     res = {"features": out.last_hidden_state, "stages": stages, "pooled": pooled}

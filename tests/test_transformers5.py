@@ -266,18 +266,23 @@ def backbone_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[d
     cases, g = [], torch.Generator().manual_seed(3)
     for b, h, w in [(2, size, size), *other]:  # native size, and another one where the family allows
         x = torch.randn(b, chans, h, w, generator=g)
-        with torch.no_grad():
-            feats = model.forward_features(x)
-            ours = {
-                "last_hidden_state": feats,
-                "pooler_output": model.forward_head(feats, pre_logits=True),
-                "logits": model(x),
-            }
+        ours = backbone_outputs(model, x)
         name = f"{writer.name(folder)}/{b}x{chans}x{h}x{w}"
         cases.append(
             writer.case(name, folder, {"pixel_values": x}, [dict(d) for d in loads], ours, same_names)
         )
     return cases
+
+
+@torch.no_grad()
+def backbone_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tessera's outputs under the HF field names they equal (see same_names)."""
+    feats = model.forward_features(x)
+    return {
+        "last_hidden_state": feats,
+        "pooler_output": model.forward_head(feats, pre_logits=True),
+        "logits": model(x),
+    }
 
 
 GRAY_DATA = "digits"  # a 1-channel dataset: the pipeline exports' data config
@@ -293,13 +298,7 @@ def pipeline_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[d
     size = model.hparams()["img_size"]
     to_hf(model, folder, data=DataConfig(dataset=GRAY_DATA, image_size=size), labels=LABELS)
     x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        ours = {
-            "last_hidden_state": feats,
-            "pooler_output": model.forward_head(feats, pre_logits=True),
-            "logits": model(x),
-        }
+    ours = backbone_outputs(model, x)
     rgb = {"pixel_values": x.expand(-1, 3, -1, -1).contiguous()}
     name = writer.name(folder)
     case = writer.case(name, folder, rgb, standard_loads(folder), ours, same_names)

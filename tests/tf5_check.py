@@ -127,13 +127,17 @@ def run_image(case: dict, expected: dict) -> tuple[float, list[str]]:
     with Image.open(image["png"]) as im:
         im.load()
         got = proc(images=im, return_tensors="pt")["pixel_values"]
-    name = f"AutoImageProcessor ({type(proc).__name__})"
+    return compare(f"AutoImageProcessor ({type(proc).__name__}): pixel_values", got, expected, image)
+
+
+def compare(name: str, got: torch.Tensor, expected: dict, spec: dict) -> tuple[float, list[str]]:
+    """(max abs error, problems) of `got` against expected[spec["expected"]] within spec["atol"]."""
     try:
-        err = max_err(got, expected[image["expected"]])
+        err = max_err(got, expected[spec["expected"]])
     except AssertionError as e:
-        return 0.0, [f"{name}: pixel_values {e}"]
-    if not err <= image["atol"]:
-        return err, [f"{name}: pixel_values max abs error {err:.3g} > {image['atol']:g}"]
+        return 0.0, [f"{name}: {e}"]
+    if not err <= spec["atol"]:
+        return err, [f"{name}: max abs error {err:.3g} > {spec['atol']:g}"]
     return err, []
 
 
@@ -153,13 +157,7 @@ def run_pipeline(case: dict, expected: dict) -> tuple[float, list[str]]:
         got = torch.tensor([next(d["score"] for d in out if d["label"] == label) for label in labels])
     else:
         got = torch.tensor(out)
-    try:
-        err = max_err(got, expected[spec["expected"]])
-    except AssertionError as e:
-        return 0.0, [f"{name}: {e}"]
-    if not err <= spec["atol"]:
-        return err, [f"{name}: max abs error {err:.3g} > {spec['atol']:g}"]
-    return err, []
+    return compare(name, got, expected, spec)
 
 
 def run_case(case: dict, atol: float) -> tuple[float, list[str], list[str]]:
