@@ -16,10 +16,23 @@ import torch
 from pretrain.dist import DistContext
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record is emitted, not the one of the first run in this process
+    (a notebook or test harness may have replaced it since)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it: always sys.stdout
+        pass
+
+
 def setup_logging(ctx: DistContext) -> logging.Logger:
     log = logging.getLogger("tessera")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter(f"%(asctime)s [tessera r{ctx.rank}] %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
