@@ -117,8 +117,9 @@ def measure_matmul_tflops(
     n: int = 1024,
 ) -> float:
     """Achieved TFLOP/s of square (n x n) matmuls for about `seconds`, on this process's threads."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: the run's draws stay as they were
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     torch.mm(a, b)  # warm up (thread pool, packing buffers)
     count, t0 = 0, time.perf_counter()
     while True:
@@ -189,9 +190,9 @@ def build_throughput(cfg, ctx, module: torch.nn.Module) -> Throughput:
     except LookupError as err:
         log.warning("no MFU: %s", err)
         peak, source = None, "unknown"
-    total_peak = None
-    if peak is not None:
-        total_peak = ctx.all_reduce_sum([peak * 1e12])[0]
+    # every rank joins the sum (a rank without a peak too: a collective some ranks skip would hang the others)
+    summed, unknown = ctx.all_reduce_sum([0.0 if peak is None else peak * 1e12, float(peak is None)])
+    total_peak = None if unknown else summed
     log.info(
         "MFU accounting: %s model FLOPs per sample (forward + backward), %d tokens per sample; peak %s per "
         "device (%s), %s in all",

@@ -154,3 +154,16 @@ def test_a_run_logs_throughput_and_mfu(tmp_path, digits_shards, capsys):
         assert row["tokens_per_sec"] == pytest.approx(row["samples_per_sec"] * (32 // 4) ** 2)
     (tb,) = (run / "tensorboard").glob("events.*")
     assert b"mfu" in tb.read_bytes()
+
+
+def test_an_unknown_peak_means_no_mfu_but_throughput(monkeypatch):
+    from pretrain.dist import DistContext
+
+    def unknown(*args, **kwargs):
+        raise LookupError("'Some GPU' is not in pretrain.mfu.GPU_PEAK_TFLOPS: set run.peak_tflops")
+
+    monkeypatch.setattr(mfu, "device_peak_tflops", unknown)
+    cfg = load_config(CLASSIFY)
+    t = mfu.build_throughput(cfg, DistContext(), build_model(cfg))
+    assert t.peak_flops is None and t.flops_per_sample == mfu.train_flops_per_sample(cfg)
+    assert set(t.step_metrics(16, 1.0)) == {"tokens_per_sec", "tflops"}
