@@ -58,9 +58,10 @@ def to_hf(
 
     def for_pipelines(net: nn.Module) -> tuple[nn.Module, Preprocess | None]:
         """Pipelines feed RGB: a grayscale run's backbone takes 3 channels (models.hf.rgb_from_gray)."""
-        if pre is None or pre.channels != 1:
+        if pre is None:
             return net, pre
-        return rgb_from_gray(net), pre.rgb()
+        piped = pre.for_pipelines()
+        return (rgb_from_gray(net) if piped.gray_from_rgb else net), piped
 
     if isinstance(model, MAE):  # the pretraining model keeps its channels; the encoder is for pipelines
         hf = mae_to_hf(model.backbone, model.decoder, model.cfg.mask_ratio, model.cfg.norm_pix_loss)
@@ -178,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         hf = to_hf(model, out, data=cfg.data, labels=labels)
     labelled = set_labels(hf, labels)  # (to_hf named them already: this says whether they fit)
-    pre = Preprocess.from_data(cfg.data)
-    if pre.channels == 1 and not isinstance(model, MAE):
-        pre = pre.rgb()  # what to_hf exported (the MAE pretraining folder keeps its channel)
-    card = model_card(cfg, meta, hf, str(out), pre, labelled, final_loss(meta))
+    card = model_card(cfg, meta, hf, str(out), Preprocess.from_data(cfg.data), labelled, final_loss(meta))
     (out / "README.md").write_text(card)
     (out / "tessera.json").write_text(json.dumps(meta, indent=1))
     print(f"exported {meta['checkpoint']} (step {meta['step']}) as {type(hf).__name__} to {out}")

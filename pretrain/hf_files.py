@@ -37,8 +37,11 @@ class Preprocess:
         info = get_dataset(data.dataset)
         return cls(data.image_size, info.channels, tuple(data.mean or info.mean), tuple(data.std or info.std))
 
-    def rgb(self) -> Preprocess:
-        """The same transform for a grayscale run's model converted to take RGB: every channel normalized alike."""
+    def for_pipelines(self) -> Preprocess:
+        """What a folder for transformers' pipelines (which feed RGB) takes: a grayscale run's model converted to
+        take RGB (models.hf.rgb_from_gray), every channel normalized alike; any other run's, unchanged."""
+        if self.channels != 1:
+            return self
         return Preprocess(self.image_size, 3, self.mean * 3, self.std * 3, gray_from_rgb=True)
 
     def describe(self) -> str:
@@ -168,16 +171,17 @@ def model_card(
     labels_set: bool,
     loss: float | None,
 ) -> str:
-    """README.md of an export: what was trained and how to load it, every number read from the run."""
+    """README.md of an export: what was trained and how to load it, every number read from the run (`pre`: the
+    run's own preprocessing; the folders hold what `pretrain.export.to_hf` made of it)."""
     from pretrain.objectives import objective_name
 
     arch = type(hf_model).__name__
-    mae = arch == "ViTMAEForPreTraining"
-    gray_run = pre.channels == 1 or pre.gray_from_rgb
-    if mae and pre.channels == 1:
-        pre_text = f"{pre.describe()}; `encoder/`: {pre.rgb().describe()}"
+    mae = arch == "ViTMAEForPreTraining"  # keeps the run's channels; its encoder/ is for pipelines
+    gray_run = pre.channels == 1
+    if mae and gray_run:
+        pre_text = f"{pre.describe()}; `encoder/`: {pre.for_pipelines().describe()}"
     else:
-        pre_text = pre.describe()
+        pre_text = pre.for_pipelines().describe()
     task = pipeline_task(hf_model)
     objective = objective_name(cfg.objective)
     obj_args = ", ".join(f"{k}={v}" for k, v in vars(cfg.objective).items())

@@ -504,7 +504,7 @@ def build_train_loader(
         grad_accum_steps=grad_accum_steps,
     )
     shard_meta = read_meta(os.path.abspath(cfg.remote or local)) or {}
-    train_loader.classes = shard_meta.get("classes") or info.class_names(cfg.split, cfg.source)
+    train_loader.classes = shard_meta.get("classes")  # (no walk of a source tree here: export falls back)
     if train_loader.batches_per_epoch == 0:
         train_loader.close()
         raise config_error(
