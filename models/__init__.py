@@ -28,7 +28,11 @@ import torch.nn as nn
 from models import (  # noqa: F401
     convnext,
     convnext_hf,
+    llama,
+    llama_hf,
     maxvit,  # no transformers twin: models/maxvit_timm.py maps it to timm's reference, for tests and benchmarks
+    modernbert,
+    modernbert_hf,
     poolformer,
     poolformer_hf,
     pvt_v2,

@@ -11,7 +11,8 @@ import models.vit
 from models import MODELS, create_model, list_models
 from pretrain.optim import layer_ids
 
-NAMES = list_models()
+# image backbones; text models have their own contract (tests/test_text_models.py)
+NAMES = [n for n in list_models() if getattr(MODELS.get(n).builds, "modality", "") != "text"]
 
 
 def small(name, **kw):
