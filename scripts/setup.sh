@@ -42,6 +42,18 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     echo "[setup] WARNING: no apt-get/root: dataset-fashion-mnist not installed; the demo will use sklearn digits"
   fi
 fi
+# Real text: Debian's wordnet-base (WordNet 3.0 glosses, the `wordnet` dataset; 6.5 MB), when apt and root allow.
+if [ ! -f /usr/share/wordnet/data.noun ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo -n"
+  if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "[setup] installing Debian package wordnet-base"
+    $SUDO apt-get install -y -q --no-install-recommends wordnet-base >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends wordnet-base >/dev/null 2>&1; } \
+      || echo "[setup] WARNING: could not install wordnet-base; the text recipes need it (a .txt folder works without)"
+  else
+    echo "[setup] WARNING: no apt-get/root: wordnet-base not installed; the text recipes need it"
+  fi
+fi
 # Slurm + munge for tests/test_slurm.py (a real two-node cluster on this host, scripts/slurm-cluster.sh), which
 # needs root anyway: without them those tests skip (or fail under TESSERA_REQUIRE_SLURM=1).
 have_slurm() { command -v slurmctld >/dev/null && command -v munged >/dev/null; }

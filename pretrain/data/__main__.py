@@ -1,6 +1,11 @@
 """`python -m pretrain.data list | convert NAME | verify DIR`: prepare shards ahead of a job, check them after a copy.
 
-Errors print one line on stderr and exit with status 2.
+    python -m pretrain.data convert wordnet --split train --vocab-size 8192 --out data/shards/wordnet/train
+    python -m pretrain.data convert jsonl --source corpus/ --tokenizer tok/tokenizer.json --split train
+
+Text datasets are tokenized on the way: with --tokenizer a tokenizer.json (or HF folder), else a byte-level BPE of
+--vocab-size ids trained on the train split next to the output (pretrain.data.tokenizer). Errors print one line
+on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 from pretrain.data.config import DataConfig
 from pretrain.data.mds import convert, num_samples, read_meta, validate_shards
 from pretrain.data.sources import SourceError, get_dataset, list_datasets
+from pretrain.data.tokenizer import ensure_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,13 +28,35 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="write a dataset split as MDS shards")
     conv.add_argument("name", help="registered dataset name")
     conv.add_argument("--split", default="train")
-    conv.add_argument("--source", default=None, help="raw input folder (required for image_folder)")
+    conv.add_argument("--source", default=None, help="raw input file or folder (image_folder, text files)")
     conv.add_argument("--out", default=None, help="output dir (default: data/shards/<name>/<split>)")
     conv.add_argument("--max-samples", type=int, default=None, help="convert only the first N samples")
     conv.add_argument("--overwrite", action="store_true", help="replace existing shards at --out")
+    text = conv.add_argument_group("text datasets")
+    text.add_argument(
+        "--tokenizer", default=None, help="tokenizer.json or HF tokenizer folder (data.tokenizer)"
+    )
+    text.add_argument(
+        "--vocab-size", type=int, default=DataConfig.vocab_size, help="trained tokenizer's size"
+    )
+    text.add_argument("--text-field", default=DataConfig.text_field, help="JSON field holding the text")
+    text.add_argument("--split-by", default=DataConfig.split_by, help="document | line | paragraph")
+    text.add_argument("--add-bos", action="store_true", help="prepend BOS to every document")
+    text.add_argument("--bad-samples", default="error", help="error | skip (documents that are not UTF-8)")
     verify = sub.add_parser("verify", help="check index.json and every shard's presence and size")
     verify.add_argument("dir")
     return parser
+
+
+def _describe(name: str) -> str:
+    info = get_dataset(name)
+    splits = ",".join(info.splits) if info.splits else "any (--source)"
+    if info.modality == "text":
+        kind = f"text  fields={'+'.join(info.fields):10s}"
+    else:
+        size = f"{info.image_size}x{info.image_size}" if info.image_size else "any size"
+        kind = f"image channels={info.channels} {size:9s}"
+    return f"{name:14s} {kind} splits={splits:16s} {info.description}".rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             for name in list_datasets():
-                info = get_dataset(name)
-                splits = ",".join(info.splits) if info.splits else "any (--source)"
-                size = f"{info.image_size}x{info.image_size}" if info.image_size else "any size"
-                print(f"{name:16s} channels={info.channels} {size:10s} splits={splits}")
+                print(_describe(name))
         elif args.command == "convert":
             cfg = DataConfig(
                 dataset=args.name,
@@ -48,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                 source=args.source,
                 local=args.out,
                 max_samples=args.max_samples,
+                tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size,
+                text_field=args.text_field,
+                split_by=args.split_by,
+                add_bos=args.add_bos,
+                bad_samples=args.bad_samples,
             )
             cfg.validate()
             meta = convert(
@@ -57,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 source=args.source,
                 max_samples=args.max_samples,
                 overwrite=args.overwrite,
+                data=cfg,
+                tokenizer=ensure_tokenizer(cfg),
             )
             print(json.dumps({"out": cfg.local_dir(), **meta}))
         elif args.command == "verify":

@@ -1,19 +1,25 @@
 """Raw dataset -> MDS shards (written atomically), and a check that a shard directory is whole.
 
+Images are stored as PNG + label; text as token ids (pretrain.data.tokens), one sample per document.
+
 Shards are what every rank streams from; a half-written directory must never look like a dataset, so `convert`
 writes into `<out>.tmp-<pid>` and renames it into place only after `index.json` and `tessera.json` exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 from typing import Any
 
+from pretrain.data import tokens
 from pretrain.data.compat import import_streaming
+from pretrain.data.config import DataConfig
 from pretrain.data.sources import SourceError, get_dataset
+from pretrain.data.tokenizer import TokenizerInfo, ensure_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +42,67 @@ def convert(
     max_samples: int | None = None,
     size_limit: int = SHARD_SIZE_LIMIT,
     overwrite: bool = False,
+    data: DataConfig | None = None,
+    tokenizer: TokenizerInfo | None = None,
 ) -> dict[str, Any]:
-    """Write `dataset_name/split` as MDS shards into `out_dir`; returns the tessera.json metadata."""
+    """Write `dataset_name/split` as MDS shards into `out_dir`; returns the tessera.json metadata.
+
+    Text datasets are tokenized on the way (pretrain.data.tokens): `data` carries the text options (tokenizer,
+    vocab_size, text_field, split_by, add_bos, bad_samples; default DataConfig()), `tokenizer` the run's
+    tokenizer (default: data's, trained first if needed).
+    """
     info = get_dataset(dataset_name)
     streaming = import_streaming()
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         what = "shards" if os.path.exists(os.path.join(out_dir, "index.json")) else "files but no index.json"
         raise FileExistsError(f"{out_dir} already holds {what}; delete it or pass overwrite/--overwrite")
+    text = None
+    if info.modality == "text":
+        base = data or DataConfig(dataset=dataset_name)
+        cfg = dataclasses.replace(
+            base,
+            dataset=dataset_name,
+            split=split,
+            source=source,
+            max_samples=max_samples,
+            local=out_dir,
+            streams=[],
+        )
+        tok = tokenizer or ensure_tokenizer(base if data else cfg)
+        text = (cfg, tok)
 
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an earlier, interrupted call
     log.info("converting %s/%s -> %s (shards of <= %d bytes)", dataset_name, split, out_dir, size_limit)
-    count, labels = 0, set()
-    mode = "L" if info.channels == 1 else "RGB"
+    count, labels, extra = 0, set(), {}
     try:
-        with streaming.MDSWriter(out=tmp, columns=COLUMNS, size_limit=size_limit) as writer:
-            for sample in info.samples(split, source, max_samples):
-                writer.write({"image": sample["image"].convert(mode), "label": int(sample["label"])})
-                labels.add(int(sample["label"]))
-                count += 1
+        if text is None:
+            mode = "L" if info.channels == 1 else "RGB"
+            with streaming.MDSWriter(out=tmp, columns=COLUMNS, size_limit=size_limit) as writer:
+                for sample in info.samples(split, source, max_samples):
+                    writer.write({"image": sample["image"].convert(mode), "label": int(sample["label"])})
+                    labels.add(int(sample["label"]))
+                    count += 1
+        else:
+            with streaming.MDSWriter(
+                out=tmp, columns=tokens.token_columns(*text), size_limit=size_limit
+            ) as writer:
+                stats = tokens.write_token_rows(writer, *text)
+            count, extra = stats["documents"], tokens.text_meta(*text, stats)
         if count == 0:
             raise SourceError(f"{dataset_name}/{split} produced no samples")
         meta = {
             "dataset": dataset_name,
             "split": split,
             "count": count,
-            "available": info.count(split, source),
+            "available": info.count(split, source) if text is None else None,
             "max_samples": max_samples,
-            "channels": info.channels,
-            "num_classes": max(labels) + 1,
+            "channels": getattr(info, "channels", None),
+            "num_classes": max(labels) + 1 if labels else None,
             "classes": info.class_names(split, source),
             "source": os.path.abspath(source) if source else None,
+            **extra,
         }
         with open(os.path.join(tmp, META_NAME), "w") as f:
             json.dump(meta, f, indent=2)

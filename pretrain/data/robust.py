@@ -145,13 +145,24 @@ def describe_bad_sample(shard: Any, row: int, sample_id: int, err: BaseException
     )
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the good samples; the markers of bad ones go to batch["bad"] (a list, possibly empty).
+RAGGED = ("tokens",)  # fields of varying length per sample: collated as a list of tensors, not stacked
 
-    The batch may be smaller than asked, or hold no "image" at all when every sample was bad.
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the good samples (ragged fields, a document's tokens, as a list); the markers of bad ones go to
+    batch["bad"] (a list, possibly empty).
+
+    The batch may be smaller than asked, or hold no "image"/"tokens" at all when every sample was bad.
     """
     good = [s for s in samples if "error" not in s]
-    batch: dict[str, Any] = default_collate(good) if good else {}
+    ragged = [k for k in RAGGED if good and k in good[0]]
+    if ragged:
+        batch: dict[str, Any] = default_collate(
+            [{k: v for k, v in s.items() if k not in ragged} for s in good]
+        )
+        batch.update({k: [s[k] for s in good] for k in ragged})
+    else:
+        batch = default_collate(good) if good else {}
     batch["bad"] = [s for s in samples if "error" in s]
     return batch
 

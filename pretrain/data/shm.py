@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import Any
 
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
@@ -65,3 +66,37 @@ def clean_stale_segments() -> list[str]:
     if removed:
         log.info("removed %d streaming shared-memory segments leaked by killed processes", len(removed))
     return removed
+
+
+def release_dataset_memory(ds: Any) -> None:
+    """Free what a StreamingDataset holds in this process, so its `local` dir can be used again right away.
+
+    streaming frees its segments only at interpreter exit; until then a second dataset on the same local dir
+    (with a remote) is refused. We stop its prefetch threads, mark its local dirs free (what its __del__ does)
+    and unlink the segments this process created.
+    """
+    it = getattr(ds, "_iterator", None)
+    if it is not None:
+        it.exit()  # num_workers=0: the prefetch threads run in this process
+    executor = getattr(ds, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True)
+    handles = [
+        ds._locals_shm,
+        ds._next_epoch.arr.shm,
+        ds._cache_usage.arr.shm,
+        ds._shard_states.shm,
+        ds._shard_access_times.shm,
+        ds._shared_barrier._arr.shm,
+        getattr(ds, "_resume_shm", None),
+    ]
+    try:
+        ds._locals_shm.buf[:4] = bytes(4)
+    except (ValueError, TypeError, BufferError):
+        pass
+    for handle in handles:
+        if handle is not None:
+            try:
+                handle.cleanup()
+            except (BufferError, OSError):  # a live view or an already-gone segment: exit will finish the job
+                pass

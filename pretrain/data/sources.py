@@ -1,7 +1,9 @@
-"""Dataset registry and raw readers: where the pixels come from before they become MDS shards.
+"""Dataset registry and raw readers: where the pixels and the text come from before they become MDS shards.
 
-A dataset is a registered `ImageSource`: channels, default normalization, native size, splits, and a
-`samples()` iterator of `{"image": PIL.Image, "label": int}`. Nothing is read until `samples()` is called.
+A dataset is a registered `Source` that declares its modality and the fields of its samples (`fields`): image
+sources yield `{"image": PIL.Image, "label": int}`, text sources `{"text": str}` plus `"label"` where they have
+one. How each field is stored in the shards and decoded back is `pretrain.data.fields`. Nothing is read until
+`samples()` is called. Image sources live here; text sources in `pretrain.data.text_sources`.
 """
 
 from __future__ import annotations
@@ -17,23 +19,23 @@ from PIL import Image
 
 from models.registry import Registry
 
-Sample = dict[str, Any]  # {"image": PIL.Image (mode L or RGB), "label": int}
+Sample = dict[str, Any]  # {"image": PIL.Image (mode L or RGB), "label": int} or {"text": str, ["label": int]}
 
 
 class SourceError(ValueError):
     """Raw input missing or unreadable; the message names the file and what to do."""
 
 
-class ImageSource:
-    """Describes one dataset. Subclass, set the attributes, implement `samples`, decorate with register_dataset."""
+class Source:
+    """Describes one dataset. Subclass (ImageSource, TextSource), set the attributes, implement `samples`,
+    decorate with register_dataset."""
 
     name: str = ""
-    channels: int = 1  # 1 = gray (mode "L"), 3 = RGB
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-    image_size: int | None = None  # native side; None = varies per image
+    modality: str = "image"  # "image" | "text": which loader path and which config keys apply
+    fields: tuple[str, ...] = ("image", "label")  # what every sample holds (pretrain.data.fields)
     splits: tuple[str, ...] | None = None  # None = any split name (the source decides)
     needs_source: bool = False
+    description: str = ""  # one line for `python -m pretrain.data list`
 
     def samples(
         self, split: str, source: str | None = None, max_samples: int | None = None
@@ -48,14 +50,25 @@ class ImageSource:
         return None
 
 
+class ImageSource(Source):
+    """An image dataset: channels, default normalization, native size; samples {"image": PIL, "label": int}."""
+
+    modality = "image"
+    fields = ("image", "label")
+    channels: int = 1  # 1 = gray (mode "L"), 3 = RGB
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    image_size: int | None = None  # native side; None = varies per image
+
+
 # One instance per dataset: every get_dataset(name) returns the same object.
 DATASETS = Registry("dataset")
 
 
-def register_dataset(name: str) -> Callable[[type[ImageSource]], type[ImageSource]]:
-    """Class decorator: register an instance of an ImageSource under `name`; a duplicate name raises."""
+def register_dataset(name: str) -> Callable[[type[Source]], type[Source]]:
+    """Class decorator: register an instance of a Source under `name`; a duplicate name raises."""
 
-    def wrap(cls: type[ImageSource]) -> type[ImageSource]:
+    def wrap(cls: type[Source]) -> type[Source]:
         DATASETS.register(name)(cls())  # raises ValueError on a duplicate, before cls is touched
         cls.name = name
         return cls
@@ -63,7 +76,7 @@ def register_dataset(name: str) -> Callable[[type[ImageSource]], type[ImageSourc
     return wrap
 
 
-def get_dataset(name: str) -> ImageSource:
+def get_dataset(name: str) -> Source:
     """The registered source; an unknown name raises KeyError listing the registered ones and the nearest."""
     return DATASETS.get(name)
 
@@ -101,6 +114,7 @@ def _idx_header(f: Any, magic: int, ndim: int, path: str) -> list[int]:
 
 @register_dataset("fashion_mnist")
 class FashionMNIST(ImageSource):
+    description = "Fashion-MNIST 28x28 gray, 10 classes (Debian dataset-fashion-mnist)"
     channels = 1
     mean = (0.2860,)
     std = (0.3530,)
@@ -151,6 +165,7 @@ class Digits(ImageSource):
     """scikit-learn's 1,797 8x8 digits: always installed, so tests never skip. Fixed split: seed-0 permutation,
     the first 1,437 train and the other 360 test, each kept in original order."""
 
+    description = "scikit-learn's 1,797 8x8 digits, 10 classes (always installed)"
     channels = 1
     mean = (0.3053,)
     std = (0.3759,)
@@ -191,6 +206,7 @@ class ImageFolder(ImageSource):
     immediate subfolder among the sorted subfolder names (all 0 when the folder is flat). `source` is the folder
     for the split being converted; the split name is only a label."""
 
+    description = "any folder of images, class = subfolder"
     channels = 3
     mean = (0.485, 0.456, 0.406)  # ImageNet statistics: a sane default for photos
     std = (0.229, 0.224, 0.225)
@@ -231,3 +247,7 @@ class ImageFolder(ImageSource):
                 raise SourceError(f"{path}: cannot decode image ({err})") from err
             label = classes[path.relative_to(root).parts[0]] if classes else 0
             yield {"image": image, "label": label}
+
+
+# The text sources register themselves on import; imported last, as they subclass what is defined above.
+from pretrain.data import text_sources as _text_sources  # noqa: E402, F401

@@ -1,16 +1,19 @@
-"""MDS shards -> per-rank training batches that resume exactly.
+"""MDS shards -> per-rank training batches that resume exactly: the one loader of every modality.
 
 streaming's StreamingDataset does the partitioning (disjoint per rank and worker, deterministic given
-`batch_size`) and the mid-epoch resume. This module adds the image decoding, augmentation that is a pure function
-of (run seed, epoch, sample index) and an infinite multi-epoch iterator. Shards are made ready first by
-`prepare.ensure_shards`; the plain in-order reader for probes is `split.load_split`. Corrupt input (a shard
-truncated or deleted mid-run, a sample that does not decode) becomes a named ShardError or a counted skip:
+`batch_size`), the mixing of data.streams and the mid-epoch resume. This module adds the decoding of each field
+(`fields.SampleDecoder`: images with augmentation that is a pure function of (run seed, epoch, sample index),
+token ids for text), packing of documents into rows for text (`packing.Packer`, above streaming's DataLoader),
+and an infinite multi-epoch iterator. Shards are made ready first by `prepare.ensure_all_shards`; the plain
+in-order readers for probes and evals are `split.load_split` and `tokens.load_token_split`. Corrupt input (a
+shard truncated or deleted mid-run, a sample that does not decode) becomes a named ShardError or a counted skip:
 see `robust`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -19,15 +22,21 @@ import torch
 from pretrain.data import robust
 from pretrain.data.compat import import_streaming
 from pretrain.data.config import DataConfig, config_error
+from pretrain.data.fields import SampleDecoder
+from pretrain.data.loader import TrainLoader
 from pretrain.data.mds import ShardError, read_meta
-from pretrain.data.prepare import ensure_shards
+from pretrain.data.packing import Packer
+from pretrain.data.prepare import ensure_all_shards
 from pretrain.data.shm import clean_stale_segments
 from pretrain.data.sources import get_dataset
+from pretrain.data.tokenizer import tokenizer_info
 from pretrain.data.transforms import ImageTransform
 from pretrain.dist import DistContext
 
 log = logging.getLogger(__name__)
 _MASK64 = (1 << 64) - 1
+MAX_DOCS_PER_FETCH = 4096
+__all__ = ["TrainLoader", "build_train_loader", "sample_seed"]
 
 
 def _splitmix64(x: int) -> int:
@@ -49,8 +58,9 @@ def _define_dataset_class() -> type:
 
     from streaming.base.dataset import _ShardState  # private, but the only name for the states it keeps
 
-    class ImageStreamingDataset(streaming.StreamingDataset):
-        """StreamingDataset yielding {"image": (C, S, S) float, "label": int64, "index": int64}, or, for a sample
+    class TesseraStreamingDataset(streaming.StreamingDataset):
+        """StreamingDataset yielding what `decoder` makes of a sample: {"image": (C, S, S) float, "label": int64,
+        "index": int64} for images, {"tokens": (L,) int64, "index": int64} for a text document; or, for a sample
         that does not decode, the marker robust.bad_sample(...) that TrainLoader turns into an error or a skip.
 
         The epoch is a local variable inside StreamingDataset.__iter__; the only hook that sees it, in whichever
@@ -62,10 +72,9 @@ def _define_dataset_class() -> type:
         fatal markers, which reach the training process intact from a DataLoader worker.
         """
 
-        def __init__(self, *, transform: ImageTransform, channels: int, aug_seed: int, **kwargs: Any) -> None:
+        def __init__(self, *, decoder: SampleDecoder, aug_seed: int, **kwargs: Any) -> None:
             super().__init__(**kwargs)
-            self.image_transform = transform
-            self.image_mode = "L" if channels == 1 else "RGB"
+            self.decoder = decoder
             self.aug_seed = aug_seed
             self.tessera_epoch = 0  # epoch of the iteration in progress in this process
             self.background_error: ShardError | None = None  # what stopped streaming's download threads
@@ -85,8 +94,7 @@ def _define_dataset_class() -> type:
             robust.check_shard_file(shard, remote)  # a stat: deleted or truncated since the run started
             try:
                 raw = super().get_item(sample_id, retry)
-                pil = raw["image"].convert(self.image_mode)  # PIL decodes the pixels lazily: here
-                label = int(raw["label"])
+                parsed = self.decoder.parse(raw)  # PIL decodes the pixels lazily: here
             except ShardError:
                 raise
             except robust.DECODE_ERRORS as err:
@@ -95,12 +103,10 @@ def _define_dataset_class() -> type:
                 return robust.bad_sample(sample_id, message, fatal=False)
             except Exception as err:
                 raise robust.as_shard_error(err, f"{robust.shard_path(shard)}: sample {sample_id}") from err
-            gen = torch.Generator().manual_seed(sample_seed(self.aug_seed, self.tessera_epoch, sample_id))
-            return {
-                "image": self.image_transform(pil, gen),  # (C, S, S)
-                "label": torch.tensor(label, dtype=torch.int64),
-                "index": torch.tensor(sample_id, dtype=torch.int64),
-            }
+            gen = None
+            if self.decoder.modality == "image":
+                gen = torch.Generator().manual_seed(sample_seed(self.aug_seed, self.tessera_epoch, sample_id))
+            return self.decoder.finish(parsed, sample_id, gen)
 
         def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
             """streaming's fetch (download or unzip), with failures named and never left to hang others."""
@@ -168,15 +174,16 @@ def _define_dataset_class() -> type:
                 for _ in range(self.batch_size or 1):
                     yield marker
 
-    ImageStreamingDataset.__qualname__ = "ImageStreamingDataset"  # picklable as pretrain.data.stream.<name>
-    return ImageStreamingDataset
+    # picklable as pretrain.data.stream.<name>
+    TesseraStreamingDataset.__qualname__ = "TesseraStreamingDataset"
+    return TesseraStreamingDataset
 
 
 def _dataset_class() -> type:
-    """Define ImageStreamingDataset on first use: its base class needs `import streaming` (and the shim)."""
-    cls = globals().get("ImageStreamingDataset")
+    """Define TesseraStreamingDataset on first use: its base class needs `import streaming` (and the shim)."""
+    cls = globals().get("TesseraStreamingDataset")
     if cls is None:
-        cls = globals()["ImageStreamingDataset"] = _define_dataset_class()
+        cls = globals()["TesseraStreamingDataset"] = _define_dataset_class()
     return cls
 
 
@@ -198,7 +205,7 @@ def _loader_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ImageStreamingDataset":
+    if name in ("TesseraStreamingDataset", "ImageStreamingDataset"):  # the latter: its name before text came
         return _dataset_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -214,257 +221,21 @@ def _clean_stale_shared_memory(ctx: DistContext) -> None:
     ctx.barrier()
 
 
-def _release_shared_memory(ds: Any) -> None:
-    """Free what a StreamingDataset holds in this process, so its `local` dir can be used again right away.
-
-    streaming frees its segments only at interpreter exit; until then a second dataset on the same local dir
-    (with a remote) is refused. We stop its prefetch threads, mark its local dirs free (what its __del__ does)
-    and unlink the segments this process created.
-    """
-    it = getattr(ds, "_iterator", None)
-    if it is not None:
-        it.exit()  # num_workers=0: the prefetch threads run in this process
-    executor = getattr(ds, "_executor", None)
-    if executor is not None:
-        executor.shutdown(wait=True)
-    handles = [
-        ds._locals_shm,
-        ds._next_epoch.arr.shm,
-        ds._cache_usage.arr.shm,
-        ds._shard_states.shm,
-        ds._shard_access_times.shm,
-        ds._shared_barrier._arr.shm,
-        getattr(ds, "_resume_shm", None),
-    ]
-    try:
-        ds._locals_shm.buf[:4] = bytes(4)
-    except (ValueError, TypeError, BufferError):
-        pass
-    for handle in handles:
-        if handle is not None:
-            try:
-                handle.cleanup()
-            except (BufferError, OSError):  # a live view or an already-gone segment: exit will finish the job
-                pass
+def _docs_per_fetch(cfg: DataConfig, metas: list[dict], micro_batch_size: int) -> int:
+    """data.docs_per_fetch, or enough documents for one micro-batch of rows on average (from the shards' counts)."""
+    if cfg.docs_per_fetch is not None:
+        return cfg.docs_per_fetch
+    docs = sum(m.get("documents") or 0 for m in metas)
+    tokens = sum(m.get("tokens") or 0 for m in metas)
+    if not docs or not tokens:
+        return micro_batch_size  # shards from another tool: no counts
+    return max(1, min(MAX_DOCS_PER_FETCH, math.ceil(micro_batch_size * cfg.seq_len * docs / tokens)))
 
 
-class TrainLoader:
-    """Infinite iterator over epochs of per-rank batches {"image": (B, C, S, S), "label": (B,), "index": (B,)}.
-
-    `state_dict()` after k batches + `load_state_dict()` on a fresh loader (same config, world size, batch size
-    and seed) yields exactly what batch k+1, k+2, ... would have been, across epoch boundaries. Call it on every
-    rank: the state is the same on all of them (streaming counts samples as batches x world size).
-
-    Undecodable samples (data.bad_samples): "error" raises ShardError; "skip" drops them, so B may be smaller
-    than micro_batch_size, and counts them in `bad_samples` (checkpointed). A micro-batch whose samples were all
-    skipped is not returned: the next one is. On that rank the stream then runs one batch ahead of the others
-    for the rest of the epoch (a resume from a checkpoint taken meanwhile restores one rank's position for all).
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        loader: Any,
-        world_size: int,
-        micro_batch_size: int,
-        seed: int,
-        *,
-        bad_samples: str = "error",
-        max_bad_samples: int = 0,
-        rank: int = 0,
-        grad_accum_steps: int = 1,
-    ) -> None:
-        self.dataset = dataset
-        self.loader = loader
-        self.world_size = world_size
-        self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self.grad_accum_steps = grad_accum_steps  # a resume must keep the global batch
-        self._bad = robust.BadSamplePolicy(bad_samples, max_bad_samples, rank)
-        self._it: Any = None  # the current epoch's iterator; None between epochs
-        self._epoch = 0
-        self._batch_in_epoch = 0
-        self._samples_seen = 0
-        self._closed = False
-        self.classes: list[str] | None = None  # the dataset's class names (shard metadata), for exports
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def samples_seen(self) -> int:
-        """Samples consumed by all ranks together."""
-        return self._samples_seen
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Full batches per rank per epoch (the partial last batch is dropped)."""
-        return len(self.loader)
-
-    @property
-    def bad_samples(self) -> int:
-        """Samples skipped on this rank since the run began, resumes included (state_dict()["bad_samples"])."""
-        return self._bad.count
-
-    @bad_samples.setter
-    def bad_samples(self, count: int) -> None:
-        self._bad.count = int(count)
-
-    @property
-    def last_bad_samples(self) -> list[int]:
-        """Sample ids of the most recent skips on this rank, oldest first (at most robust.LAST_BAD_KEPT)."""
-        return list(self._bad.last)
-
-    def __iter__(self) -> TrainLoader:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._closed:
-            raise RuntimeError("TrainLoader is closed")
-        for _ in range(max(1, self.batches_per_epoch) + 1):
-            batch = self._next_batch()
-            self._bad(batch.pop("bad", []))  # raises ShardError unless skipping (and under the limit)
-            if "image" in batch:
-                return batch
-            # every sample of this micro-batch was skipped: an empty batch would break the step. One rank takes
-            # the next; with several that rank would run a batch ahead of the others and, at the epoch's end,
-            # wait in streaming's node-wide barrier while they wait for it in the step's all-reduce.
-            if self.world_size > 1:
-                raise ShardError(
-                    f"data.bad_samples: every sample of a micro-batch on rank {self._bad.rank} was undecodable "
-                    f"(ids {self.last_bad_samples}); with {self.world_size} ranks the ranks cannot skip a whole "
-                    "batch and stay in step. Repair or drop the shard, or raise train.micro_batch_size"
-                )
-        raise ShardError(
-            f"data.bad_samples: rank {self._bad.rank} skipped every sample of more than an epoch of micro-batches "
-            f"({self.bad_samples} so far); the data is corrupt throughout"
-        )
-
-    def _next_batch(self) -> dict[str, Any]:
-        """The next collated batch of the stream, starting the next epoch when one ends."""
-        empty_epochs = 0
-        while True:
-            if self._it is None:
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-                break
-            except StopIteration:
-                # One empty epoch is normal right after resuming at an epoch's end; two in a row is a bug.
-                self._it = None
-                self._epoch += 1
-                self._batch_in_epoch = 0
-                empty_epochs += 1
-                if empty_epochs > 1:
-                    raise RuntimeError("the data loader produced no batch in a whole epoch") from None
-        self._batch_in_epoch += 1
-        self._samples_seen += self.micro_batch_size * self.world_size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain ints only: fits in any checkpoint format."""
-        return {
-            "streaming": self.loader.state_dict(),  # {epoch, sample_in_epoch, num_canonical_nodes, shuffle_seed, ...}
-            "epoch": self._epoch,
-            "batch_in_epoch": self._batch_in_epoch,
-            "samples_seen": self._samples_seen,
-            "bad_samples": self.bad_samples,  # restore with `loader.bad_samples = state.get("bad_samples", 0)`
-            "micro_batch_size": self.micro_batch_size,
-            "grad_accum_steps": self.grad_accum_steps,
-            "world_size": self.world_size,
-            "seed": self.seed,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume; call before the first batch (streaming reads the resume point when an epoch starts).
-
-        Elastic: on another world size the run continues the same global sample order (streaming partitions it
-        by its saved `num_canonical_nodes`, not by the number of ranks) when every optimizer step still covers
-        the same samples: micro_batch_size x grad_accum_steps x world_size must equal the saved run's. Each
-        step then trains on the same set of samples as on the old world size, up to the end of the epoch.
-        There each world size drops its own remainder (fewer than micro_batch_size x world_size samples), so
-        from the next epoch on steps may be cut differently: no sample is repeated or lost within an epoch,
-        but the per-step sets stop matching the old world size's.
-        """
-        if self._it is not None or self._samples_seen:
-            raise RuntimeError("load_state_dict must be called before the first batch")
-        for key, config_key in (("micro_batch_size", "train.micro_batch_size"), ("seed", "seed")):
-            if state[key] != getattr(self, key):
-                raise config_error(
-                    f"{config_key}: the data-loader state was saved with {state[key]}, this run has "
-                    f"{getattr(self, key)}; resume with {config_key}={state[key]} or start a new run"
-                )
-        # None: a state saved, or a loader built, before the loader knew grad_accum_steps (build_train_loader)
-        accum, saved_accum = self.grad_accum_steps, state.get("grad_accum_steps")
-        if state["world_size"] != self.world_size or (accum and saved_accum and accum != saved_accum):
-            if accum is None or saved_accum is None:
-                raise config_error(
-                    f"train.grad_accum_steps: the data-loader state of {state['world_size']} ranks does not "
-                    "record its global batch (or this loader was built without train.grad_accum_steps), so "
-                    f"it cannot continue on {self.world_size} ranks; resume on {state['world_size']} ranks"
-                )
-            micro, world = self.micro_batch_size, self.world_size
-            before, now = micro * saved_accum * state["world_size"], micro * accum * world
-            if before != now:
-                hint = f"resume on {state['world_size']} ranks"  # micro_batch_size is fixed (checked above)
-                if before % (micro * world) == 0:
-                    hint = f"use train.grad_accum_steps={before // (micro * world)}"
-                raise config_error(
-                    "train.grad_accum_steps: the data-loader state was saved with a global batch of "
-                    f"{before} samples (train.micro_batch_size {micro} x train.grad_accum_steps {saved_accum} "
-                    f"x {state['world_size']} ranks) and this run has {now} ({micro} x {accum} x {world}); "
-                    f"{hint}"
-                )
-            log.info(
-                "data-loader state of %d ranks continues on %d ranks: same sample order, %d samples per step",
-                state["world_size"],
-                world,
-                now,
-            )
-        self.loader.load_state_dict(state["streaming"])
-        self._epoch = state["epoch"]
-        # batches of this world size that the epoch's samples so far amount to (bookkeeping only)
-        self._batch_in_epoch = state["batch_in_epoch"] * state["world_size"] // self.world_size
-        self._samples_seen = state["samples_seen"]
-        self.bad_samples = state.get("bad_samples", 0)  # .get: states saved before the count existed
-
-    def close(self) -> None:
-        """Stop workers and threads and free streaming's shared memory; the loader cannot be used afterwards."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._it is not None:
-            self._it.close()  # drops the DataLoader iterator, which joins its worker processes
-            self._it = None
-        _release_shared_memory(self.dataset)
-
-    def __enter__(self) -> TrainLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def build_train_loader(
-    cfg: DataConfig, ctx: DistContext, micro_batch_size: int, seed: int, grad_accum_steps: int = 1
-) -> TrainLoader:
-    """Shards ready on every rank -> a resumable loader of `micro_batch_size` samples per rank, shuffled by `seed`."""
-    if micro_batch_size <= 0:
-        raise config_error(f"train.micro_batch_size: must be > 0, got {micro_batch_size}")
-    if seed < 0:
-        raise config_error(f"seed: streaming needs a non-negative shuffle seed, got {seed}")
-    local = ensure_shards(cfg, ctx)
-    # streaming finds rank and world size in RANK/WORLD_SIZE/LOCAL_*: they must agree with the launch context.
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    env_rank = int(os.environ.get("RANK", "0"))
-    if (env_world, env_rank) != (ctx.world_size, ctx.rank):
-        raise RuntimeError(
-            f"streaming reads RANK={env_rank} WORLD_SIZE={env_world} from the environment but the "
-            f"launch context says rank {ctx.rank} of {ctx.world_size}; export them before building"
-        )
-    _clean_stale_shared_memory(ctx)
+def _decoder(cfg: DataConfig, vocab_size: int | None) -> SampleDecoder:
     info = get_dataset(cfg.dataset)
+    if info.modality == "text":
+        return SampleDecoder("text", vocab_size=vocab_size)
     transform = ImageTransform(
         image_size=cfg.image_size,
         mean=tuple(cfg.mean or info.mean),
@@ -473,23 +244,66 @@ def build_train_loader(
         crop_scale_min=cfg.crop_scale_min,
         hflip=cfg.hflip,
     )
+    return SampleDecoder("image", transform=transform, image_mode="L" if info.channels == 1 else "RGB")
+
+
+def build_train_loader(
+    cfg: DataConfig, ctx: DistContext, micro_batch_size: int, seed: int, grad_accum_steps: int = 1
+) -> TrainLoader:
+    """Shards ready on every rank -> a resumable loader of `micro_batch_size` samples (text: rows of
+    data.seq_len tokens) per rank, shuffled by `seed`."""
+    if micro_batch_size <= 0:
+        raise config_error(f"train.micro_batch_size: must be > 0, got {micro_batch_size}")
+    if seed < 0:
+        raise config_error(f"seed: streaming needs a non-negative shuffle seed, got {seed}")
+    dirs = ensure_all_shards(cfg, ctx)
+    # streaming finds rank and world size in RANK/WORLD_SIZE/LOCAL_*: they must agree with the launch context.
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_rank = int(os.environ.get("RANK", "0"))
+    if (env_world, env_rank) != (ctx.world_size, ctx.rank):
+        raise RuntimeError(
+            f"streaming reads RANK={env_rank} WORLD_SIZE={env_world} from the environment but the "
+            f"launch context says rank {ctx.rank} of {ctx.world_size}; export them before building"
+        )
+    streams = cfg.stream_configs()
+    metas = [read_meta(os.path.abspath(s.remote or d)) or {} for s, d in zip(streams, dirs)]
+    _clean_stale_shared_memory(ctx)
+    tok = tokenizer_info(cfg)  # trained by now (ensure_all_shards)
+    text = tok is not None
+    fetch = _docs_per_fetch(cfg, metas, micro_batch_size) if text else micro_batch_size
+    if cfg.streams:
+        stream_cls = import_streaming().Stream
+        where = {
+            "streams": [
+                stream_cls(
+                    local=os.path.abspath(d),
+                    remote=os.path.abspath(s.remote) if s.remote else None,
+                    proportion=c.proportion,
+                    repeat=c.repeat,
+                )
+                for s, d, c in zip(streams, dirs, cfg.streams)
+            ]
+        }
+    else:
+        where = {
+            "local": os.path.abspath(dirs[0]),
+            "remote": os.path.abspath(cfg.remote) if cfg.remote else None,
+        }
     dataset = _dataset_class()(
-        transform=transform,
-        channels=info.channels,
+        decoder=_decoder(cfg, tok.vocab_size if text else None),
         aug_seed=seed,
-        local=os.path.abspath(local),
-        remote=os.path.abspath(cfg.remote) if cfg.remote else None,
+        **where,
         shuffle=cfg.shuffle,
         shuffle_seed=seed,
-        batch_size=micro_batch_size,  # streaming needs it to partition batches deterministically across workers
+        batch_size=fetch,  # streaming needs it to partition batches deterministically across workers
     )
     loader = _loader_class()(
         dataset,
-        batch_size=micro_batch_size,
+        batch_size=fetch,
         num_workers=cfg.num_workers,
-        drop_last=True,
+        drop_last=not text,  # text: the last documents of an epoch are packed too, never dropped
         persistent_workers=False,
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda" and not text,  # text batches are packed on the CPU first
         collate_fn=robust.collate,  # good samples stacked, bad-sample markers listed in batch["bad"]
     )
     train_loader = TrainLoader(
@@ -502,13 +316,19 @@ def build_train_loader(
         max_bad_samples=cfg.max_bad_samples,
         rank=ctx.rank,
         grad_accum_steps=grad_accum_steps,
+        packer=Packer(cfg.seq_len, tok.padding_id) if text else None,
+        docs_per_fetch=fetch if text else None,
+        ctx=ctx,
     )
-    shard_meta = read_meta(os.path.abspath(cfg.remote or local)) or {}
-    train_loader.classes = shard_meta.get("classes")  # (no walk of a source tree here: export falls back)
-    if train_loader.batches_per_epoch == 0:
+    train_loader.classes = metas[0].get("classes")  # (no walk of a source tree here: export falls back)
+    if text:
+        train_loader.tokens_per_epoch = sum(m.get("tokens") or 0 for m in metas) or None
+    if len(train_loader.loader) == 0:
         train_loader.close()
+        if text:
+            raise config_error(f"data.dataset: no documents for {ctx.world_size} ranks in {', '.join(dirs)}")
         raise config_error(
             f"train.micro_batch_size: {micro_batch_size} is more than the {len(dataset)} samples each of the "
-            f"{ctx.world_size} ranks gets from {local}"
+            f"{ctx.world_size} ranks gets from {', '.join(dirs)}"
         )
     return train_loader
