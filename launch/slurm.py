@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.config import ConfigError, load_config
+from pretrain.build import load_config
+from pretrain.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "pretrain.sh"

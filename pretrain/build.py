@@ -1,19 +1,44 @@
-"""Config -> the trained module (an objective wrapping a registered backbone)."""
+"""Config -> the trained module (an objective wrapping a registered backbone), and the config entry point that
+joins the registries: `load_config` parses with the objectives' Config classes and checks what only the model can
+check (its kwargs, its shapes on the meta device, the tokenizer against the vocabulary)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import models
-from pretrain.config import Config
+from pretrain import config as config_tree
+from pretrain.config import Config, ConfigError
 from pretrain.data.sources import get_dataset
-from pretrain.objectives import build_objective
+from pretrain.objectives import build_objective, objective_config
+
+
+def is_text_model(name: str) -> bool:
+    """Whether registered model `name` is a text family (modality "text": token ids in, models/text_layers.py)."""
+    return getattr(models.MODELS.get(name).builds, "modality", "image") == "text"
+
+
+def tokenizer_of(cfg: Config):
+    """The run's TokenizerInfo (pretrain.data), or None for image data."""
+    from pretrain.data.tokenizer import tokenizer_info
+
+    return tokenizer_info(cfg.data)
 
 
 def model_kwargs(cfg: Config) -> dict:
     """The backbone's constructor arguments: the config's, plus what the data decides unless the config says."""
     kwargs = dict(cfg.model.kwargs)
+    if is_text_model(cfg.model.name):
+        info = tokenizer_of(cfg)
+        if info is None:
+            raise ConfigError(
+                f"model.name: {cfg.model.name!r} is a text model but data.dataset {cfg.data.dataset!r} holds no text"
+            )
+        kwargs.setdefault("vocab_size", info.vocab_size)
+        return kwargs
     kwargs.setdefault("in_chans", get_dataset(cfg.data.dataset).channels)
     kwargs.setdefault("img_size", cfg.data.image_size)
     return kwargs
@@ -25,12 +50,22 @@ def build_model(cfg: Config) -> nn.Module:
     backbone = models.create_model(cfg.model.name, **kwargs)
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
-    return build_objective(cfg.objective, backbone)
+    tokenizer = tokenizer_of(cfg) if is_text_model(cfg.model.name) else None
+    return build_objective(cfg.objective, backbone, tokenizer=tokenizer)
 
 
 def example_batch(cfg: Config, batch_size: int, device: torch.device | str = "cpu") -> dict:
-    """A batch shaped like the loader's (values random), e.g. to count FLOPs on the meta device."""
+    """A batch shaped like the loader's (values random), e.g. to count FLOPs on the meta device. Text: one
+    document per row (the loader's packed rows have the same shapes)."""
     kwargs = model_kwargs(cfg)
+    if is_text_model(cfg.model.name):
+        n = cfg.data.seq_len
+        return {
+            "input_ids": torch.randint(0, kwargs["vocab_size"], (batch_size, n), device=device),  # (B, N)
+            "positions": torch.arange(n, device=device).expand(batch_size, n),  # (B, N)
+            "doc_ids": torch.zeros(batch_size, n, dtype=torch.long, device=device),  # (B, N)
+            "index": torch.arange(batch_size, device=device),
+        }
     size = cfg.data.image_size
     return {
         "image": torch.randn(batch_size, kwargs["in_chans"], size, size, device=device),  # (B, C, S, S)
@@ -42,3 +77,69 @@ def example_batch(cfg: Config, batch_size: int, device: torch.device | str = "cp
 def count_params(module: nn.Module) -> int:
     # under ZeRO-3 a rank holds an empty placeholder; DeepSpeed keeps the full size in ds_numel
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+# --- the config entry point --------------------------------------------------------------------------------
+
+
+def from_dict(tree: dict) -> Config:
+    """A raw tree (e.g. a run's config.yaml) -> Config, parsed with the registered objectives (not validated)."""
+    return config_tree.from_dict(tree, objective_config)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file + `key=value` overrides -> validated Config. Raises ConfigError naming the key."""
+    return check_config(from_dict(config_tree.read_tree(path, overrides)))
+
+
+def check_config(cfg: Config) -> Config:
+    """Config.validate() (its own fields, the data's, the objective's), then what needs the model registry:
+    model.name and model.kwargs, text model vs tokenizer, and a build on the meta device (no memory)."""
+    cfg.validate()
+    try:
+        factory = models.MODELS.get(cfg.model.name)
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0]}") from e
+    try:
+        models.check_kwargs(factory, cfg.model.kwargs, "model.kwargs")
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+    if is_text_model(cfg.model.name):
+        _check_text(cfg)
+    try:
+        with torch.device("meta"):
+            build_model(cfg)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        keys = ", ".join(f"model.kwargs.{k}" for k in cfg.model.kwargs) or "model.name"
+        size = (
+            f"data.seq_len={cfg.data.seq_len}"
+            if is_text_model(cfg.model.name)
+            else f"data.image_size={cfg.data.image_size}"
+        )
+        raise ConfigError(f"model {cfg.model.name!r} cannot be built with {size} and {keys}: {e}") from e
+    return cfg
+
+
+def _check_text(cfg: Config) -> None:
+    """The tokenizer's ids must fit the model's vocabulary; a row must fit the configured position range."""
+    info = tokenizer_of(cfg)
+    if info is None:
+        raise ConfigError(
+            f"model.name: {cfg.model.name!r} is a text model but data.dataset {cfg.data.dataset!r} holds no text "
+            "(text datasets: python -m pretrain.data list)"
+        )
+    kwargs = model_kwargs(cfg)
+    if kwargs["vocab_size"] < info.vocab_size:
+        raise ConfigError(
+            f"model.kwargs.vocab_size: {kwargs['vocab_size']} is smaller than the tokenizer's vocabulary "
+            f"({info.vocab_size} ids, {info.path or 'data.vocab_size'}); token ids would index past the embedding"
+        )
+    with torch.device("meta"):
+        max_len = models.create_model(cfg.model.name, **kwargs).max_seq_len
+    if cfg.data.seq_len > max_len:
+        raise ConfigError(
+            f"data.seq_len: {cfg.data.seq_len} tokens per row is beyond the {max_len} positions "
+            f"{cfg.model.name!r} was configured for (model.kwargs.max_seq_len)"
+        )

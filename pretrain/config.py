@@ -2,6 +2,10 @@
 
 Unknown or mistyped keys fail before any work, naming the key and the nearest valid ones. The resolved
 tree is written into the run directory and into every checkpoint (`to_yaml`).
+
+A leaf: it imports no model, objective or builder. The objective's own section is parsed with the class the
+caller passes (`from_dict(tree, objective_config)`); `pretrain.build.load_config` is the entry point that joins
+the registries and checks what only building can check (model kwargs, shapes on the meta device).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +22,9 @@ from typing import Any
 import yaml
 
 from pretrain.data.config import DataConfig
+from pretrain.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config problem, always naming the offending key."""
+__all__ = ["Config", "ConfigError", "from_dict", "read_tree", "resolve_batch", "to_dict", "to_yaml"]
 
 
 @dataclass
@@ -201,34 +205,9 @@ class Config:
             self.data.validate()
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("data.") else f"data: {e}") from e
-        from models import MODELS, check_kwargs  # model kwargs are checked against the model itself
-
-        try:
-            check_kwargs(MODELS.get(self.model.name), self.model.kwargs, "model.kwargs")
-        except KeyError as e:
-            raise ConfigError(f"model.name: {e.args[0]}") from e
-        except TypeError as e:
-            raise ConfigError(str(e)) from e
         if hasattr(self.objective, "validate"):
             self.objective.validate()
-        self._build_on_meta()
         return self
-
-    def _build_on_meta(self) -> None:
-        """Build model + objective with no memory (meta device): bad values and shapes fail here, before work."""
-        import torch
-
-        from pretrain.build import build_model
-
-        try:
-            with torch.device("meta"):
-                build_model(self)
-        except (TypeError, ValueError) as e:
-            keys = ", ".join(f"model.kwargs.{k}" for k in self.model.kwargs) or "model.name"
-            raise ConfigError(
-                f"model {self.model.name!r} cannot be built with data.image_size="
-                f"{self.data.image_size} and {keys}: {e}"
-            ) from e
 
 
 def resolve_batch(cfg: Config, world_size: int) -> None:
@@ -335,15 +314,11 @@ def _build(cls: type, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _objective_config(data: dict | None, prefix: str = "objective"):
-    from pretrain.objectives import OBJECTIVES  # registry of objectives and their config classes
-
+def _objective_config(data: dict | None, objective_config: Callable[[str], type], prefix: str = "objective"):
     data = dict(data or {})
     name = data.pop("name", None)
-    if name is None:
-        raise ConfigError(f"{prefix}.name: missing; registered objectives: {', '.join(OBJECTIVES.names())}")
     try:
-        cls = OBJECTIVES.get(name).Config
+        cls = objective_config(name)
     except KeyError as e:
         raise ConfigError(f"{prefix}.name: {e.args[0]}") from e
     return _build(cls, data, prefix + ".")
@@ -370,16 +345,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def from_dict(tree: dict) -> Config:
+def from_dict(tree: dict, objective_config: Callable[[str], type]) -> Config:
+    """A parsed (not yet validated) Config; `objective_config(name)` is the registered objective's Config class
+    (KeyError naming the registered ones for an unknown or missing name)."""
     tree = dict(tree or {})
     objective = tree.pop("objective", None)
     cfg = _build(Config, tree)
-    cfg.objective = _objective_config(objective)
+    cfg.objective = _objective_config(objective, objective_config)
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """YAML file + `key=value` overrides -> validated Config. Raises ConfigError naming the key."""
+def read_tree(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """YAML file + `key=value` overrides -> the raw tree (a dict). Raises ConfigError naming the file or key."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -391,14 +368,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for text in overrides:
         key, value = parse_override(text)
         set_key(tree, key, value)
-    return from_dict(tree).validate()
+    return tree
 
 
 def to_dict(cfg: Config) -> dict:
+    """The tree `from_dict` reads back; the objective's section names it (`registered_name`, set by its registry)."""
     out = dataclasses.asdict(cfg)
-    from pretrain.objectives import objective_name
-
-    out["objective"] = {"name": objective_name(cfg.objective), **dataclasses.asdict(cfg.objective)}
+    name = getattr(type(cfg.objective), "registered_name", None)
+    if name is None:
+        raise TypeError(f"{type(cfg.objective).__name__} is not a registered objective's Config")
+    out["objective"] = {"name": name, **dataclasses.asdict(cfg.objective)}
     return out
 
 

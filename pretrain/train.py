@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from launch.accelerate import LaunchError, merge_overrides
+from pretrain.build import load_config
 from pretrain.checkpoint import Checkpointer, check_resumable
-from pretrain.config import Config, ConfigError, load_config, resolve_batch, to_yaml
+from pretrain.config import Config, ConfigError, resolve_batch, to_yaml
 from pretrain.dist import DistContext, init_distributed, shutdown
 from pretrain.faults import Faults
 from pretrain.guard import GuardRecord, LossGuard, TrainingDiverged

@@ -4,7 +4,8 @@ import pytest
 
 from models import MODELS, create_model, list_models
 from models.registry import Registry
-from pretrain.config import Config, ConfigError, load_config, to_yaml
+from pretrain.build import load_config
+from pretrain.config import Config, ConfigError, to_yaml
 from pretrain.objectives import OBJECTIVES
 from tests.conftest import ROOT, TINY
 

@@ -51,8 +51,7 @@ def test_deepspeed_zero2_fp32_resume_exact_and_matches_ddp(tmp_path, digits_shar
     # misplaced or bf16-rounded shard would differ by that much.
     zero, _ = export.load_checkpoint_model(tmp_path / "ref")
     plain, _ = export.load_checkpoint_model(ddp)
-    from pretrain.build import build_model
-    from pretrain.config import load_config
+    from pretrain.build import build_model, load_config
 
     init = build_model(load_config(TINY, ["model.kwargs.pos_embed=sincos"])).state_dict()
     diff = max(

@@ -238,9 +238,8 @@ def _load_on_one_rank(folder: Path) -> dict:
     """Elastic load of a 2-rank checkpoint into a fresh 1-rank engine; which saved buffers came back."""
     import yaml
 
-    from pretrain.build import build_model
+    from pretrain.build import build_model, from_dict
     from pretrain.checkpoint import Checkpointer
-    from pretrain.config import from_dict
     from pretrain.dist import init_distributed
     from pretrain.engine import build_engine
 

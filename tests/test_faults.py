@@ -347,7 +347,8 @@ def test_only_unmapped_streaming_segments_are_cleaned():
 
 
 def test_global_batch_size_derives_accumulation_and_resume_checks_it(tmp_path, digits_shards, capsys):
-    from pretrain.config import ConfigError, load_config, resolve_batch
+    from pretrain.build import load_config
+    from pretrain.config import ConfigError, resolve_batch
 
     cfg = load_config(CLASSIFY, ["train.global_batch_size=64"])
     resolve_batch(cfg, 2)

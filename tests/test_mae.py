@@ -90,7 +90,8 @@ def test_objective_output_and_learning():
 def test_mae_rejects_non_vit_backbone():
     with pytest.raises(ValueError, match="ViT-style"):
         MAE(torch.nn.Linear(3, 3), MAEConfig())
-    from pretrain.config import ConfigError, load_config
+    from pretrain.build import load_config
+    from pretrain.config import ConfigError
     from tests.conftest import TINY
 
     with pytest.raises(ConfigError, match="convnext_test.*ViT-style.*SimMIM"):  # named at config time

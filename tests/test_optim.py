@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from models import create_model
-from pretrain.build import build_model
-from pretrain.config import load_config
+from pretrain.build import build_model, load_config
 from pretrain.dist import DistContext
 from pretrain.engine import build_engine
 from pretrain.objectives.mae import MAE, MAEConfig
@@ -71,7 +70,7 @@ def test_deepspeed_engine_applies_lr_scale():
     script = (
         "import torch\n"
         "from pretrain.build import build_model\n"
-        "from pretrain.config import load_config\n"
+        "from pretrain.build import load_config\n"
         "from pretrain.dist import init_distributed\n"
         "from pretrain.engine import build_engine\n"
         f"cfg = load_config({str(ROOT / 'configs' / 'mae_tiny.yaml')!r}, ['optim.layer_decay=0.5', "

@@ -1,8 +1,9 @@
 """Objectives: nn.Modules that own their heads and losses and return {"loss": scalar, **parts}.
 
 Each registered objective class has a `Config` dataclass (its section of the config tree, chosen by
-`objective.name`) and is built as `cls(backbone, cfg)`. Scalar parts are logged; other parts (predictions,
-masks) are for the objective's own `visuals()`.
+`objective.name`) and is built as `cls(backbone, cfg)`, or `cls(backbone, cfg, tokenizer=info)` when it declares
+`needs_tokenizer = True` (text objectives: pretrain.data's TokenizerInfo of the run's data). Scalar parts are
+logged; other parts (predictions, masks) are for the objective's own `visuals()`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,38 @@ from models.registry import Registry
 OBJECTIVES = Registry("objective")
 
 
+def register_objective(name: str):
+    """Class decorator: register an objective under `name`; its Config learns the name (`to_yaml` writes it)."""
+
+    def wrap(cls: type) -> type:
+        OBJECTIVES.register(name)(cls)
+        cls.Config.registered_name = name
+        return cls
+
+    return wrap
+
+
+def objective_config(name: str | None) -> type:
+    """The Config class of objective `name`; KeyError naming the registered ones (also for a missing name)."""
+    if name is None:
+        raise KeyError(f"missing; registered objectives: {', '.join(OBJECTIVES.names())}")
+    return OBJECTIVES.get(name).Config
+
+
 def objective_name(cfg) -> str:
-    for name in OBJECTIVES.names():
-        if OBJECTIVES.get(name).Config is type(cfg):
-            return name
-    raise KeyError(f"no registered objective has config class {type(cfg).__name__}")
+    name = getattr(type(cfg), "registered_name", None)
+    if name is None:
+        raise KeyError(f"no registered objective has config class {type(cfg).__name__}")
+    return name
 
 
-def build_objective(cfg, backbone: nn.Module) -> nn.Module:
-    return OBJECTIVES.get(objective_name(cfg))(backbone, cfg)
+def build_objective(cfg, backbone: nn.Module, tokenizer=None) -> nn.Module:
+    cls = OBJECTIVES.get(objective_name(cfg))
+    if getattr(cls, "needs_tokenizer", False):
+        return cls(backbone, cfg, tokenizer=tokenizer)
+    return cls(backbone, cfg)
 
 
-from pretrain.objectives import classify, mae  # noqa: E402,F401  (register "classify", "mae")
+from pretrain.objectives import classify, clm, mae, mlm  # noqa: E402,F401  (register the objectives)
 
-__all__ = ["OBJECTIVES", "build_objective", "objective_name"]
+__all__ = ["OBJECTIVES", "build_objective", "objective_config", "objective_name", "register_objective"]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.objectives import OBJECTIVES
+from pretrain.errors import ConfigError
+from pretrain.objectives import register_objective
 
 
 @dataclass
@@ -17,8 +18,6 @@ class ClassifyConfig:
     label_smoothing: float = 0.1
 
     def validate(self) -> None:
-        from pretrain.config import ConfigError
-
         if self.num_classes < 2:
             raise ConfigError(
                 f"objective.num_classes: must be the dataset's class count (>= 2), got {self.num_classes}"
@@ -27,7 +26,7 @@ class ClassifyConfig:
             raise ConfigError(f"objective.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
 
 
-@OBJECTIVES.register("classify")
+@register_objective("classify")
 class Classify(nn.Module):
     Config = ClassifyConfig
 

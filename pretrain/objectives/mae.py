@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from models.mae import MAEDecoder, mae_loss, patchify, random_masking, unpatchify
-from pretrain.objectives import OBJECTIVES
+from pretrain.errors import ConfigError
+from pretrain.objectives import register_objective
 
 
 @dataclass
@@ -22,8 +23,6 @@ class MAEConfig:
     decoder_mlp_ratio: float = 4.0
 
     def validate(self) -> None:
-        from pretrain.config import ConfigError
-
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.mask_ratio: must be in (0, 1), got {self.mask_ratio}")
         if self.decoder_dim % self.decoder_heads:
@@ -34,7 +33,7 @@ class MAEConfig:
             )
 
 
-@OBJECTIVES.register("mae")
+@register_objective("mae")
 class MAE(nn.Module):
     Config = MAEConfig
 
