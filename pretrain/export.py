@@ -5,7 +5,8 @@
 consolidates the checkpoint (any engine, any ZeRO stage) and writes OUT_DIR loadable offline by transformers:
 an MAE run gives `ViTMAEForPreTraining.from_pretrained(OUT_DIR)`, plus OUT_DIR/encoder for `ViTModel`; any other
 run exports its backbone through the family's adapter (models/hf.py): `SwinModel`, `ConvNextModel`, ... or
-`<Family>ForImageClassification` when the backbone has a classifier head. The key maps live next to the models.
+`<Family>ForImageClassification` when the backbone has a classifier head; text runs `LlamaForCausalLM` (decoder)
+or `ModernBertForMaskedLM` (encoder) with the run's tokenizer (`AutoTokenizer`). The key maps live next to the models.
 Every folder also gets the run's image processor (`preprocessor_config.json`), classifiers their class names, and
 OUT_DIR a model card (README.md) and tessera.json (pretrain/hf_files.py): `pipeline(...)` works on it offline.
 """
@@ -32,8 +33,8 @@ from models.hf import (
     rgb_from_gray,
 )
 from models.vit_hf import decoder_from_hf, decoder_kwargs_from_hf, mae_to_hf, vit_from_hf, vit_to_hf
+from pretrain.build import from_dict
 from pretrain.checkpoint import find_latest, read_meta
-from pretrain.config import from_dict
 from pretrain.data.config import DataConfig
 from pretrain.hf_files import (
     Preprocess,
@@ -41,6 +42,7 @@ from pretrain.hf_files import (
     final_loss,
     model_card,
     set_labels,
+    text_model_card,
     write_image_processor,
 )
 from pretrain.objectives.mae import MAE, MAEConfig
@@ -53,8 +55,10 @@ def to_hf(
     backbone); return the HF model. With the run's `data` config, the folder also gets the image processor that
     repeats its eval preprocessing; `labels` name a classifier's outputs (config id2label)."""
     out = Path(out_dir)
-    pre = None if data is None else Preprocess.from_data(data)
     backbone = getattr(model, "backbone", model)  # objectives hold theirs as .backbone
+    if getattr(backbone, "modality", "image") == "text":
+        return _text_to_hf(backbone, out, data)
+    pre = None if data is None else Preprocess.from_data(data)
 
     def for_pipelines(net: nn.Module) -> tuple[nn.Module, Preprocess | None]:
         """Pipelines feed RGB: a grayscale run's backbone takes 3 channels (models.hf.rgb_from_gray)."""
@@ -78,6 +82,28 @@ def to_hf(
         hf_model.save_pretrained(folder, safe_serialization=True)
         if folder_pre is not None:
             write_image_processor(folder, folder_pre)
+    return hf
+
+
+def _text_to_hf(backbone: nn.Module, out: Path, data: DataConfig | None) -> nn.Module:
+    """A text backbone as its HF twin (LlamaForCausalLM, ModernBertForMaskedLM), with the run's tokenizer
+    (AutoTokenizer) and its special token ids in the config, so pipeline("text-generation" / "fill-mask") works."""
+    hf = adapter_for_model(backbone).to_hf(backbone)
+    tokenizer = None
+    if data is not None:
+        from pretrain.data.tokenizer import hf_tokenizer, tokenizer_info
+
+        info = tokenizer_info(data)
+        tokenizer = hf_tokenizer(info)
+        for name in ("bos", "eos", "pad"):
+            value = getattr(info, f"{name}_id", None)
+            if value is not None and hasattr(hf.config, f"{name}_token_id"):
+                setattr(hf.config, f"{name}_token_id", int(value))
+                if getattr(hf, "generation_config", None) is not None:
+                    setattr(hf.generation_config, f"{name}_token_id", int(value))
+    hf.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return hf
 
 
@@ -175,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    labels = class_names(meta["data"], meta)
+    text = getattr(getattr(model, "backbone", model), "modality", "image") == "text"
+    labels = None if text else class_names(meta["data"], meta)
     with torch.no_grad():
         hf = to_hf(model, out, data=cfg.data, labels=labels)
-    labelled = set_labels(hf, labels)  # (to_hf named them already: this says whether they fit)
-    card = model_card(cfg, meta, hf, str(out), Preprocess.from_data(cfg.data), labelled, final_loss(meta))
+    if text:
+        card = text_model_card(cfg, meta, hf, str(out), final_loss(meta))
+    else:
+        labelled = set_labels(hf, labels)  # (to_hf named them already: this says whether they fit)
+        card = model_card(cfg, meta, hf, str(out), Preprocess.from_data(cfg.data), labelled, final_loss(meta))
     (out / "README.md").write_text(card)
     (out / "tessera.json").write_text(json.dumps(meta, indent=1))
     print(f"exported {meta['checkpoint']} (step {meta['step']}) as {type(hf).__name__} to {out}")

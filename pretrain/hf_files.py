@@ -237,3 +237,71 @@ def pipeline_task(hf_model: nn.Module) -> str:
         if is_classifier and hf_model.config.num_labels > 0
         else "image-feature-extraction"
     )
+
+
+# --- text exports ----------------------------------------------------------------------------------------
+
+
+def text_model_card(cfg, meta: dict, hf_model: nn.Module, out_dir: str, loss: float | None) -> str:
+    """README.md of a text export (LlamaForCausalLM or ModernBertForMaskedLM + the run's tokenizer)."""
+    from pretrain.objectives import objective_name
+
+    arch = type(hf_model).__name__
+    causal = arch.endswith("ForCausalLM")
+    task = "text-generation" if causal else "fill-mask"
+    objective = objective_name(cfg.objective)
+    obj_args = ", ".join(f"{k}={v}" for k, v in vars(cfg.objective).items())
+    n_params = sum(p.numel() for p in hf_model.parameters())
+    data = cfg.data
+    tokens = meta["samples_seen"] * data.seq_len
+    loss_text = f"{loss:.4f} at step {meta['step']}" if loss is not None else "not recorded"
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForMaskedLM"
+    if causal:
+        use = [
+            f'generate = pipeline("text-generation", model="{out_dir}")',
+            'print(generate("the", max_new_tokens=20, do_sample=False)[0]["generated_text"])',
+        ]
+    else:
+        use = [
+            f'fill = pipeline("fill-mask", model="{out_dir}")',
+            'print(fill(f"a {fill.tokenizer.mask_token} of the"))',
+        ]
+    loading = "\n".join(
+        [
+            "```python",
+            f"from transformers import AutoTokenizer, {auto}, pipeline",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{out_dir}")',
+            f'model = {auto}.from_pretrained("{out_dir}")  # {arch}, no missing or unexpected keys',
+            *use,
+            "```",
+        ]
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: {task}
+tags:
+- tessera
+- {objective}
+- {cfg.model.name}
+---
+
+# {cfg.model.name} ({objective}) trained with Tessera
+
+| | |
+|---|---|
+| model | `{cfg.model.name}` ({n_params / 1e6:.2f}M parameters as exported), as `{out_dir}` ({arch}) |
+| objective | `{objective}` ({obj_args}) |
+| data | `{data.dataset}`, split `{data.split}`, packed rows of {data.seq_len} tokens (documents never attend to each other) |
+| tokenizer | the run's own (`tokenizer.json`, vocabulary {hf_model.config.vocab_size:,} ids in the model) |
+| training | {meta["step"]:,} optimizer steps, {meta["samples_seen"]:,} rows = {tokens:,} token slots seen, {meta.get("world_size", 1)} rank(s), engine `{meta.get("engine")}` ZeRO-{meta.get("zero_stage", 0)} {meta.get("precision")} |
+| final loss | {loss_text} |
+| checkpoint | `{meta["checkpoint"]}` |
+
+## How to load
+
+{loading}
+
+Exported by `python -m pretrain.export`; `tessera.json` holds the checkpoint's metadata and the run's data
+config. Logits equal Tessera's own to 1e-4 in fp32 (tests/test_llama.py, tests/test_modernbert.py).
+"""

@@ -25,7 +25,7 @@ from pretrain.engine.base import to_device
 from pretrain.faults import Faults
 from pretrain.guard import LossGuard
 from pretrain.logger import MetricsLogger
-from pretrain.mfu import Throughput
+from pretrain.mfu import Throughput, packed_stats
 from pretrain.optim import lr_at
 from pretrain.preempt import StopRequest
 from pretrain.samplelog import SampleLog
@@ -168,8 +168,16 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
             result = engine.train_step(micro, lr)
             # one collective answers all three: the mean loss, whether any rank was asked to stop, samples skipped
             rank_loss = s.faults.spike_loss(micro, result.loss)
-            loss_sum, stop_votes, bad_samples = ctx.all_reduce_sum(
-                [rank_loss, float(s.stop.requested), float(loader.bad_samples)]
+            packed = [packed_stats(b) for b in micro] if "doc_ids" in micro[0] else []
+            real_tokens, sum_sq = (sum(p[0] for p in packed), sum(p[1] for p in packed)) if packed else (0, 0)
+            loss_sum, stop_votes, bad_samples, real_tokens, sum_sq = ctx.all_reduce_sum(
+                [
+                    rank_loss,
+                    float(s.stop.requested),
+                    float(loader.bad_samples),
+                    float(real_tokens),
+                    float(sum_sq),
+                ]
             )
             loss = loss_sum / ctx.world_size
             why = s.guard.judge(loss)
@@ -196,8 +204,14 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
                 "step_time": dt,
                 "data_time": t_data,
             }
-            if s.throughput is not None:  # tokens_per_sec, tflops (achieved, all ranks), mfu
-                metrics.update(s.throughput.step_metrics(per_step, dt))
+            if packed:  # text: packed rows (pretrain.data packing)
+                metrics["packing_efficiency"] = getattr(loader, "packing_efficiency", None)
+            if (
+                s.throughput is not None
+            ):  # tokens_per_sec, tflops (achieved, all ranks), mfu (+ mfu_doc for text)
+                metrics.update(
+                    s.throughput.step_metrics(per_step, dt, (real_tokens, sum_sq) if packed else None)
+                )
             parts = {
                 k: v.item()
                 for k, v in result.outputs[0].items()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import torch
@@ -151,6 +152,65 @@ def device_peak_tflops(
     )
 
 
+# --- text models: the formula everyone reports ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TextFlops:
+    """Train FLOPs per token of a text model: `dense` + Σ over softmax layers of `attn[i]` x (keys seen).
+
+    dense = 6·N_matmul (every weight matrix once forward, twice backward; the LM head counts, tied or not, the
+    embedding lookup does not) + the chunked linear-attention layers' own work; attn[i] = 12·H·hd per softmax
+    layer (q·k and p·v, forward and backward, no causal discount): with keys seen = the row length s this is
+    torchtitan's and llm-foundry's `6N + 12·L·d·s`; for packed rows each token sees its document (Σ sᵢ² / N on
+    average), never more than the layer's window.
+    """
+
+    dense: float
+    attn: list[float]
+    windows: list[int | None]
+
+    def per_token(self, keys_seen: float) -> float:
+        return self.dense + sum(
+            c * (keys_seen if w is None else min(keys_seen, w)) for c, w in zip(self.attn, self.windows)
+        )
+
+
+def text_flops(backbone: torch.nn.Module, seq_len: int) -> TextFlops:
+    """TextFlops of a text backbone (models/text_layers.py contract: attention_layout())."""
+    from ops.linear_attention import linear_attention_flops
+
+    def shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+        return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
+
+    emb = next(m for m in backbone.modules() if isinstance(m, torch.nn.Embedding)).weight  # (V, D)
+    weights = [p for p in backbone.parameters() if len(shape(p)) >= 2 and p is not emb]
+    matmul = sum(math.prod(shape(p)) for p in weights)
+    if shape(emb) not in {shape(p) for p in weights}:  # a tied head: its matmul is the embedding matrix's
+        matmul += math.prod(shape(emb))
+    dense, attn, windows = 6.0 * matmul, [], []
+    for layer in backbone.attention_layout():
+        if layer["kind"] == "linear":
+            fwd = linear_attention_flops(1, layer["heads"], seq_len, layer["dk"], layer["dv"], 64)
+            dense += 3.0 * fwd / seq_len
+        else:
+            attn.append(12.0 * layer["heads"] * layer["head_dim"])
+            windows.append(layer["window"])
+    return TextFlops(dense, attn, windows)
+
+
+def packed_stats(batch: dict) -> tuple[int, int]:
+    """(real tokens, Σ over the documents of every row of len²) of a packed text batch (doc_ids (B, N), -1 = pad)."""
+    doc_ids = batch["doc_ids"]
+    real = doc_ids >= 0
+    offset = (
+        doc_ids.clamp(min=0)
+        + (torch.arange(doc_ids.shape[0], device=doc_ids.device) * doc_ids.shape[1])[:, None]
+    )
+    counts = torch.bincount(offset[real].flatten(), minlength=1)
+    return int(real.sum()), int(counts.square().sum())
+
+
 @dataclasses.dataclass
 class Throughput:
     """Per-step throughput figures for the metrics, from counts made once at start."""
@@ -158,14 +218,26 @@ class Throughput:
     flops_per_sample: float | None  # None when the model could not be counted (no MFU then)
     tokens_per_sample: int  # patches for images (at the stem's stride), tokens for text
     peak_flops: float | None  # all devices together, FLOP/s
+    text: TextFlops | None = None  # text models: the per-document variant is computed from every step's rows
 
-    def step_metrics(self, samples: int, seconds: float) -> dict[str, float]:
+    def step_metrics(
+        self, samples: int, seconds: float, packed: tuple[int, int] | None = None
+    ) -> dict[str, float]:
+        """`packed`: (real tokens, Σ doc len²) of the step's rows, all ranks together (text only)."""
         out = {"tokens_per_sec": samples * self.tokens_per_sample / seconds}
         if self.flops_per_sample is not None:
             achieved = samples * self.flops_per_sample / seconds
             out["tflops"] = achieved / 1e12
             if self.peak_flops:
                 out["mfu"] = achieved / self.peak_flops
+        if self.text is not None and packed is not None and packed[0]:
+            real, sum_sq = packed
+            out["real_tokens_per_sec"] = real / seconds
+            # each real token sees its own document: Σ sᵢ² / Σ sᵢ keys on average
+            doc_flops = real * self.text.per_token(sum_sq / real) / seconds
+            out["tflops_doc"] = doc_flops / 1e12
+            if self.peak_flops:
+                out["mfu_doc"] = doc_flops / self.peak_flops
         return out
 
 
@@ -178,12 +250,18 @@ def tokens_per_sample(backbone: torch.nn.Module, image_size: int) -> int:
 def build_throughput(cfg, ctx, module: torch.nn.Module) -> Throughput:
     """Count FLOPs, find the peak (every rank measures at once, then the peaks are summed), log both."""
     backbone = getattr(module, "backbone", module)
-    tokens = tokens_per_sample(backbone, cfg.data.image_size)
-    try:
-        flops = train_flops_per_sample(cfg)
-    except Exception as err:  # a model the meta device cannot run: throughput still logs, MFU does not
-        log.warning("could not count the model's FLOPs on the meta device (%s): no MFU for this run", err)
-        flops = None
+    text = None
+    if getattr(backbone, "modality", "image") == "text":
+        tokens = cfg.data.seq_len
+        text = text_flops(backbone, tokens)
+        flops = tokens * text.per_token(tokens)  # 6N + 12·L·d·s per token, s = the row
+    else:
+        tokens = tokens_per_sample(backbone, cfg.data.image_size)
+        try:
+            flops = train_flops_per_sample(cfg)
+        except Exception as err:  # a model the meta device cannot run: throughput still logs, MFU does not
+            log.warning("could not count the model's FLOPs on the meta device (%s): no MFU for this run", err)
+            flops = None
     ctx.barrier()  # measure the CPU rate on all ranks at once: they share the cores while training too
     try:
         peak, source = device_peak_tflops(ctx.device, cfg.engine.precision, cfg.run.peak_tflops)
@@ -202,7 +280,7 @@ def build_throughput(cfg, ctx, module: torch.nn.Module) -> Throughput:
         source,
         "?" if total_peak is None else _si(total_peak, "/s"),
     )
-    return Throughput(flops, tokens, total_peak)
+    return Throughput(flops, tokens, total_peak, text)
 
 
 def _si(flops: float, suffix: str) -> str:

@@ -1,6 +1,7 @@
 """MFU accounting: FLOP counts against hand-computed numbers, the meta-device count against a real one for every
 registered model, the device peaks, and the metrics a training run logs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,8 +9,7 @@ import torch
 
 from models import MODELS, list_models
 from pretrain import mfu
-from pretrain.build import build_model, example_batch
-from pretrain.config import load_config
+from pretrain.build import build_model, example_batch, load_config
 from pretrain.train import main
 from tests.conftest import ROOT
 
@@ -83,7 +83,12 @@ def test_mae_counts_the_visible_tokens_only():
     assert counts[0] > counts[1] > 0
 
 
-@pytest.mark.parametrize("name", list_models("*_test*"))
+IMAGE_TEST_MODELS = [
+    n for n in list_models("*_test*") if getattr(MODELS.get(n).builds, "modality", "") != "text"
+]
+
+
+@pytest.mark.parametrize("name", IMAGE_TEST_MODELS)
 def test_meta_count_equals_a_real_count(name):
     """Every registered model: the count on the meta device (what runs use) equals one on real CPU tensors,
     and activation checkpointing (recompute) does not change it."""
@@ -167,3 +172,51 @@ def test_an_unknown_peak_means_no_mfu_but_throughput(monkeypatch):
     t = mfu.build_throughput(cfg, DistContext(), build_model(cfg))
     assert t.peak_flops is None and t.flops_per_sample == mfu.train_flops_per_sample(cfg)
     assert set(t.step_metrics(16, 1.0)) == {"tokens_per_sec", "tflops"}
+
+
+# --- text: 6N + 12·L·d·s, and its per-document variant ------------------------------------------------------
+
+
+def text_batch(lengths, vocab=512):
+    ids = torch.randint(5, vocab, (1, sum(lengths)))
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    return {"input_ids": ids, "doc_ids": doc, "positions": pos}
+
+
+def test_text_formula_by_hand():
+    """llama_test (dim 64, 2 layers, 4 heads of 16, 2 kv heads, SwiGLU 256, untied head of 512 ids): 6N + 12·L·d·s."""
+    model = build_model(load_config(str(ROOT / "configs" / "clm_tiny.yaml"))).backbone
+    d, L, kv, ffn, V = 64, 2, 2 * 16, 256, 512
+    n_matmul = L * (d * d + 2 * d * kv + d * d + 3 * d * ffn) + d * V  # q, k, v, o, SwiGLU; the head
+    flops = mfu.text_flops(model, 128)
+    assert flops.dense == 6 * n_matmul
+    assert flops.per_token(128) == 6 * n_matmul + 12 * L * d * 128
+    assert flops.per_token(1e9) == flops.per_token(1e9)  # no window: keys seen grow without bound
+
+
+@pytest.mark.parametrize("config", ["clm_tiny.yaml", "mlm_tiny.yaml"])
+def test_text_formula_equals_the_counted_matmuls(config):
+    """On one document per row, the formula is exactly what torch's counter counts for a train step (causal
+    attention counted in full, as in the formula); a packed row costs what its documents cost alone, which for
+    layers without a window is the per-document variant: keys seen = Σ sᵢ² / Σ sᵢ."""
+    cfg = load_config(str(ROOT / "configs" / config))
+    model = build_model(cfg).train()
+    backbone = model.backbone
+    torch.manual_seed(0)
+    s = 96  # longer than modernbert_test's local window (16): local layers count their window
+    flops = mfu.text_flops(backbone, s)
+    # the CPU kernels compute a local layer's window as a masked full row: the counter sees s keys there, the
+    # formula (model FLOPs, what a windowed kernel does) min(s, window)
+    full = dataclasses.replace(flops, windows=[None] * len(flops.windows))
+    windows = [layer["window"] for layer in backbone.attention_layout() if layer["kind"] == "softmax"]
+    assert flops.windows == windows
+    assert flops.per_token(s) == full.dense + sum(c * min(s, w or s) for c, w in zip(flops.attn, windows))
+    assert mfu.count_train_flops(model, text_batch([s])) == s * full.per_token(s)
+    lengths = [40, 30, 26]
+    real, sum_sq = mfu.packed_stats(text_batch(lengths))
+    assert (real, sum_sq) == (96, sum(n * n for n in lengths))
+    by_doc = sum(n * full.per_token(n) for n in lengths)  # each document costs what it costs alone
+    assert by_doc == real * full.per_token(sum_sq / real)
+    # the model's FLOPs of a packed row: its documents' (the kernels may do more: padding, or a masked full row)
+    assert sum(mfu.count_train_flops(model, text_batch([n])) for n in lengths) == by_doc

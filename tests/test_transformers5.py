@@ -5,8 +5,12 @@ slow test builds .venv-tf5 (scripts/tf5-venv.sh: transformers 5 pinned by requir
 Tessera), exports every export target below here, writes Tessera's own outputs in the HF models' layouts
 (cross-checked against transformers 4.57 here), and runs tests/tf5_check.py under .venv-tf5 on them.
 
-A new export target (e.g. a Llama text export) is one entry of `export_targets()`: a name, the Tessera model, and
-a function that exports it and returns its manifest cases (`backbone_cases` and `mae_cases` are the two kinds).
+A new export target is one entry of `export_targets()`: a name, the Tessera model, and a function that exports it
+and returns its manifest cases (`backbone_cases`, `pipeline_cases`, `mae_cases` and `text_cases` are the kinds).
+Text families (adapter model_cls.modality == "text": Llama, ModernBERT) are exported as a text run's
+`python -m pretrain.export` exports them, with the run's tokenizer (`to_hf(..., data=text_data())`): their cases
+also check AutoTokenizer against Tessera's tokenizer and transformers' text-generation / fill-mask pipeline
+against Tessera's model.
 """
 
 from __future__ import annotations
@@ -48,10 +52,11 @@ class ExportTarget:
 
 
 def export_targets() -> list[ExportTarget]:
-    """Every family with an HF adapter (its CI-sized `*_test*` model, headless and with 7 classes), and MAE."""
+    """Every image family with an HF adapter (its CI-sized `*_test*` model, headless and with 7 classes), MAE,
+    and every text family's `*_test*` model in each of its TEXT_VARIANTS, with the run's tokenizer."""
     targets = [
         ExportTarget(f"{family}/{name}/classes={n}", family, partial(_backbone, name, n), backbone_cases)
-        for family in HF_ADAPTERS.names()
+        for family in image_families()
         for name in family_test_models(family)
         for n in (0, 7)
     ]
@@ -63,10 +68,17 @@ def export_targets() -> list[ExportTarget]:
     # model taking RGB (models.hf.rgb_from_gray), and transformers' pipelines on it
     targets += [
         ExportTarget(f"{family}/{name}/pipeline", family, partial(_backbone, name, 7, 1), pipeline_cases)
-        for family in HF_ADAPTERS.names()
+        for family in image_families()
         for name in family_test_models(family)
     ]
     targets.append(ExportTarget("mae/vit_test_patch4/pipeline", "mae", partial(_mae, 1, "sincos"), mae_cases))
+    # text: what `python -m pretrain.export` writes for a text run (weights, tokenizer, special ids in the config)
+    targets += [
+        ExportTarget(f"{family}/{name}/{variant}", family, partial(_text, name, kwargs), text_cases)
+        for family in text_families()
+        for name in family_test_models(family)
+        for variant, kwargs in TEXT_VARIANTS.get(family, {"text": {}}).items()
+    ]
     return targets
 
 
@@ -74,10 +86,41 @@ def family_test_models(family: str) -> list[str]:
     return [n for n in list_models("*_test*") if MODELS.get(n).builds is HF_ADAPTERS.get(family).model_cls]
 
 
+def text_families() -> list[str]:
+    return [f for f in HF_ADAPTERS.names() if getattr(HF_ADAPTERS.get(f).model_cls, "modality", "") == "text"]
+
+
+def image_families() -> list[str]:
+    return [f for f in HF_ADAPTERS.names() if f not in text_families()]
+
+
+# the model kwargs each text family is exported with (a family not listed: its `*_test*` model as registered)
+TEXT_VARIANTS = {
+    "llama": {"untied": {"tie_embeddings": False}, "tied": {"tie_embeddings": True}},  # llama_test is GQA
+    "modernbert": {"mlm": {}},
+}
+
+
 def _backbone(name: str, num_classes: int, in_chans: int | None = None) -> nn.Module:
     torch.manual_seed(0)
     chans = {} if in_chans is None else {"in_chans": in_chans}
     return trained_like(create_model(name, num_classes=num_classes, **chans))
+
+
+def text_data():
+    """The text run's data config (a small byte-level BPE trained on WordNet), its tokenizer trained on first use."""
+    from pretrain.data.config import DataConfig
+
+    return DataConfig(dataset="wordnet", max_samples=2000, vocab_size=512, seq_len=128)
+
+
+def _text(name: str, kwargs: dict) -> nn.Module:
+    """A text backbone sized to the run's tokenizer (as pretrain/build.py builds one), weights perturbed."""
+    from pretrain.data.tokenizer import ensure_tokenizer
+
+    info = ensure_tokenizer(text_data())
+    torch.manual_seed(0)
+    return trained_like(create_model(name, vocab_size=info.vocab_size, **kwargs))
 
 
 def _mae(chans: int, pos: str) -> nn.Module:
@@ -90,8 +133,9 @@ def _mae(chans: int, pos: str) -> nn.Module:
 # ---- manifest cases ----------------------------------------------------------------------------------------
 
 ATOL = 1e-5  # max-abs, fp32, both in transformers 5 (tests/tf5_check.py) and in the 4.57 cross-check here
-# Auto classes tried, in order, for the one that loads a folder's own architecture (a text target adds its own)
+# Auto classes tried, in order, for the one that loads a folder's own architecture
 AUTO_CLASSES = ("AutoModelForImageClassification", "AutoModelForPreTraining", "AutoModel")
+TEXT_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 tf = import_transformers()
 
 
@@ -110,7 +154,9 @@ class CaseWriter:
 
         path = self.root / "tensors" / f"{stem}.safetensors"
         path.parent.mkdir(exist_ok=True)
-        save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(path))
+        # floats as fp32; integer tensors (input_ids, ids_restore) keep their dtype: a forward takes ids as int64
+        tensors = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in tensors.items()}
+        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(path))
         return str(path)
 
     def case(
@@ -225,6 +271,62 @@ class CaseWriter:
             got = torch.tensor([next(d["score"] for d in got if d["label"] == name) for name in labels])
         self._compare(what, torch.as_tensor(got), want)
 
+    def tokenizer(self, case: dict, info, text: str) -> None:
+        """Add the folder's tokenizer to the case: AutoTokenizer must encode `text` to the ids of Tessera's
+        tokenizer (the run's `tokenizers` object), decode them to its decoding, and give its special tokens the
+        ids Tessera's TokenizerInfo names. Cross-checked here in 4.57: hf_tokenizer(info), what the export saves,
+        and AutoTokenizer of the folder."""
+        from pretrain.data.tokenizer import ROLES, hf_tokenizer, load_tokenizer
+
+        tok = load_tokenizer(info.path)
+        ids = tok.encode(text).ids
+        spec = dict(
+            text=text,
+            ids=ids,
+            decoded=tok.decode(ids, skip_special_tokens=False),
+            special_ids={role: getattr(info, f"{role}_id") for role in ROLES},
+        )
+        case["tokenizer"] = spec
+        for what, hf_tok in (
+            ("hf_tokenizer", hf_tokenizer(info)),
+            ("AutoTokenizer", tf.AutoTokenizer.from_pretrained(case["folder"])),
+        ):
+            got = dict(
+                ids=hf_tok(text)["input_ids"],
+                decoded=hf_tok.decode(ids),
+                special_ids={role: getattr(hf_tok, f"{role}_token_id") for role in ROLES},
+            )
+            for key, value in got.items():
+                if value != spec[key]:
+                    self.problems.append(
+                        f"{case['name']}: 4.57 {what} {key} {value!r} != Tessera's {spec[key]!r}"
+                    )
+
+    def text_pipeline(self, case: dict, spec: dict, want: torch.Tensor | None) -> None:
+        """Add transformers' text pipeline `spec` (see text_pipeline_spec) to the case; `want`: fill-mask's
+        expected scores. Cross-checked here in 4.57."""
+        if want is not None:
+            from safetensors.torch import load_file
+
+            case["expected"] = self.save(
+                {**load_file(case["expected"]), "pipeline": want}, Path(case["expected"]).stem
+            )
+        case["pipeline"] = spec
+        pipe = tf.pipeline(spec["task"], model=case["folder"])
+        what = f"{case['name']}: 4.57 pipeline({spec['task']!r})"
+        if spec["task"] == "fill-mask":
+            out = pipe(spec["text"], top_k=spec["top_k"])
+            got = dict(token_ids=[d["token"] for d in out], token_strs=[d["token_str"] for d in out])
+            self._compare(f"{what} scores", torch.tensor([d["score"] for d in out]), want)
+        else:  # text-generation
+            got = dict(
+                token_ids=pipe(spec["text"], return_tensors=True, **spec["kwargs"])[0]["generated_token_ids"],
+                generated_text=pipe(spec["text"], **spec["kwargs"])[0]["generated_text"],
+            )
+        for key, value in got.items():
+            if value != spec[key]:
+                self.problems.append(f"{what}: {key} {value!r} != Tessera's {spec[key]!r}")
+
     def _compare(self, what: str, got: torch.Tensor, want: torch.Tensor) -> None:
         if got.shape != want.shape:
             self.problems.append(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
@@ -234,14 +336,15 @@ class CaseWriter:
             self.problems.append(f"{what}: max abs error {err:.3g} > {ATOL:g}")
 
 
-def standard_loads(folder: Path) -> list[dict]:
-    """How a user loads the folder: its `architectures[0]` class and the Auto class that gives the same, both
-    strictly; and, where that class has a head, the base model (AutoModel), which may drop the head's keys."""
+def standard_loads(folder: Path, autos: tuple[str, ...] = AUTO_CLASSES) -> list[dict]:
+    """How a user loads the folder: its `architectures[0]` class and the Auto class (the first of `autos`) that
+    gives the same, both strictly; and, where that class has a head, the base model (AutoModel), which may drop
+    the head's keys."""
     arch = json.loads((folder / "config.json").read_text())["architectures"][0]
     hf = getattr(tf, arch).from_pretrained(folder)
     config_cls = type(hf.config)
-    auto = [a for a in AUTO_CLASSES if getattr(tf, a)._model_mapping.get(config_cls, None) is type(hf)]
-    assert auto, f"{folder}: no Auto class of {AUTO_CLASSES} gives {arch}"
+    auto = [a for a in autos if getattr(tf, a)._model_mapping.get(config_cls, None) is type(hf)]
+    assert auto, f"{folder}: no Auto class of {autos} gives {arch}"
     loads = [dict(cls=arch), dict(cls=auto[0])]
     base = tf.AutoModel._model_mapping[config_cls]
     if base is not type(hf):
@@ -324,6 +427,99 @@ def tessera_pixels(png: Path, size: int) -> torch.Tensor:
 def same_names(hf: nn.Module) -> dict[str, str]:
     """A backbone's fields: HF output field -> the same name in `ours`."""
     return {k: k for k in ("last_hidden_state", "pooler_output", "logits")}
+
+
+TEXT_SHAPES = ((2, 40), (1, 9))  # (B, N): longer than modernbert_test's 16-token local window, and shorter
+# transformers' pipelines and AutoTokenizer on these (WordNet-like text; the tokenizer sentence has its <mask>)
+TOKENIZER_TEXT = "The wolf (Canis lupus) is a <mask> carnivore; naïve café, 42 times!  Ends here.\n"
+FILL_MASK_TEXT = "a domesticated carnivorous <mask> of the genus Canis"
+PROMPT, NEW_TOKENS = "a domesticated carnivorous mammal", 8
+MIN_LOGIT_GAP = (
+    1e-3  # greedy generation: the best next token must lead the second by this (fp32 errors ~1e-6)
+)
+
+
+def text_names(hf: nn.Module) -> dict[str, str]:
+    """A text model's fields: the LM's logits = Tessera's model(input_ids), the base model's last_hidden_state =
+    forward_features(input_ids) (after the final norm)."""
+    return {"logits": "logits", "last_hidden_state": "features"}
+
+
+def text_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
+    """A text run's export (to_hf with its data config: weights, tokenizer, special ids in the config): the LM
+    class (LlamaForCausalLM / ModernBertForMaskedLM), its Auto class and the base model give Tessera's logits and
+    features on random ids; the folder's AutoTokenizer is Tessera's tokenizer; transformers' text-generation
+    (decoder) or fill-mask (encoder) pipeline gives what Tessera's model gives (text_pipeline_spec)."""
+    from pretrain.data.tokenizer import ensure_tokenizer
+
+    data = text_data()
+    info = ensure_tokenizer(data)
+    to_hf(model, folder, data=data)
+    loads = standard_loads(folder, TEXT_AUTO_CLASSES)
+    cases, g = [], torch.Generator().manual_seed(3)
+    for b, n in TEXT_SHAPES:
+        ids = torch.randint(0, model.vocab_size, (b, n), generator=g)
+        with torch.no_grad():
+            ours = {"logits": model(ids), "features": model.forward_features(ids)}
+        name = f"{writer.name(folder)}/{b}x{n}"
+        cases.append(
+            writer.case(name, folder, {"input_ids": ids}, [dict(d) for d in loads], ours, text_names)
+        )
+    writer.tokenizer(cases[0], info, TOKENIZER_TEXT)
+    spec, want, problems = text_pipeline_spec(model, info)
+    writer.problems += [f"{cases[0]['name']}: {p}" for p in problems]
+    writer.text_pipeline(cases[0], spec, want)
+    return cases
+
+
+@torch.no_grad()
+def text_pipeline_spec(model: nn.Module, info) -> tuple[dict, torch.Tensor | None, list[str]]:
+    """(manifest pipeline spec, expected scores or None, problems) of Tessera's model and tokenizer:
+    fill-mask (encoder): the top-k token ids at the mask of FILL_MASK_TEXT, their strings and softmax scores;
+    text-generation (decoder): PROMPT's ids and the greedy continuation (NEW_TOKENS, stopping after EOS), and
+    the pipeline's text (the prompt, then the new tokens decoded without special tokens). A problem where the
+    outcome is a near-tie that fp32 rounding could flip (then change the text)."""
+    from pretrain.data.tokenizer import load_tokenizer
+
+    tok, problems = load_tokenizer(info.path), []
+    if not model.causal:
+        ids = tok.encode(FILL_MASK_TEXT).ids
+        probs = model(torch.tensor([ids]))[0, ids.index(info.mask_id)].softmax(-1)
+        k = 5
+        top = probs.topk(k + 1)
+        gap = (top.values[:-1] - top.values[1:]).min().item()
+        if gap <= ATOL:
+            problems.append(
+                f"fill-mask: the top-{k + 1} scores are {gap:.2g} apart, not > {ATOL:g}: ambiguous"
+            )
+        token_ids = top.indices[:k].tolist()
+        spec = dict(
+            task="fill-mask",
+            text=FILL_MASK_TEXT,
+            top_k=k,
+            token_ids=token_ids,
+            token_strs=[tok.decode([i], skip_special_tokens=False) for i in token_ids],
+            expected="pipeline",
+            atol=ATOL,
+        )
+        return spec, top.values[:k], problems
+    prompt = tok.encode(PROMPT).ids
+    seq = list(prompt)
+    for _ in range(NEW_TOKENS):
+        top2 = model(torch.tensor([seq]))[0, -1].topk(2)
+        if (top2.values[0] - top2.values[1]).item() <= MIN_LOGIT_GAP:
+            problems.append(f"text-generation: step {len(seq) - len(prompt)}'s top-2 logits are a near tie")
+        seq.append(int(top2.indices[0]))
+        if seq[-1] == info.eos_id:
+            break
+    spec = dict(
+        task="text-generation",
+        text=PROMPT,
+        kwargs=dict(max_new_tokens=NEW_TOKENS, do_sample=False),
+        token_ids=seq,
+        generated_text=PROMPT + tok.decode(seq[len(prompt) :], skip_special_tokens=True),
+    )
+    return spec, None, problems
 
 
 def mae_cases(mae: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
@@ -446,19 +642,34 @@ def pins_from_freeze(text: str) -> dict[str, str]:
 
 
 def test_every_export_target_is_enumerated():
-    """A new adapter family cannot be left out: each has a `*_test*` model, exported headless and with a head."""
+    """A new adapter family cannot be left out: each has a `*_test*` model, an image family's exported headless
+    and with a head (and for pipelines), a text family's in each of its variants, with the tokenizer."""
     targets = export_targets()
     assert {"vit", "swin", "swinv2", "convnext", "convnextv2", "pvt_v2", "poolformer"} <= set(
-        HF_ADAPTERS.names()
+        image_families()
     )
+    assert {"llama", "modernbert"} <= set(text_families())
     assert len({t.name for t in targets}) == len(targets)
     for family in HF_ADAPTERS.names():
         assert family_test_models(family), f"family {family!r} has no *_test* model to export"
         names = {t.name for t in targets if t.family == family}
         for model in family_test_models(family):
-            assert {f"{family}/{model}/classes={n}" for n in (0, 7)} <= names, family
+            if family in text_families():
+                want = {f"{family}/{model}/{v}" for v in TEXT_VARIANTS.get(family, {"text": {}})}
+                assert want <= names, family
+                assert {t.cases for t in targets if t.family == family} == {text_cases}, family
+            else:
+                assert {f"{family}/{model}/classes={n}" for n in (0, 7)} <= names, family
     assert {t.family for t in targets} == {*HF_ADAPTERS.names(), "mae"}
-    assert {t.family for t in targets if t.name.endswith("/pipeline")} == {*HF_ADAPTERS.names(), "mae"}
+    assert {t.family for t in targets if t.name.endswith("/pipeline")} == {*image_families(), "mae"}
+    assert {"llama/llama_test/untied", "llama/llama_test/tied", "modernbert/modernbert_test/mlm"} <= {
+        t.name for t in targets
+    }
+    llama = {t.name: t.build() for t in targets if t.family == "llama"}
+    assert (
+        llama["llama/llama_test/tied"].tie_embeddings and not llama["llama/llama_test/untied"].tie_embeddings
+    )
+    assert all(m.num_kv_heads < m.num_heads for m in llama.values())  # GQA
 
 
 def test_check_script_imports_nothing_from_the_repo():
@@ -494,6 +705,38 @@ def test_check_script_fails_on_a_wrong_output_or_key(tmp_path):
     assert bad.returncode == 1, bad.stdout + bad.stderr[-3000:]
     assert "FAIL vit/" in bad.stdout
     assert "logits: max abs error 0.001" in bad.stdout and "unexpected_keys (2)" in bad.stdout, bad.stdout
+
+
+@pytest.mark.slow  # ~40 s: two text exports, and two subprocesses importing transformers
+def test_check_script_fails_on_wrong_text_outputs(tmp_path):
+    """The checker's text parts (under transformers 4.57, as above): a true manifest of a Llama and a ModernBERT
+    export passes; wrong tokenizer ids, a wrong greedy continuation, a wrong fill-mask score and a folder whose
+    tokenizer no case checks each fail, named."""
+    names = ("llama/llama_test/untied", "modernbert/modernbert_test/mlm")
+    manifest, problems = write_manifest(tmp_path, [t for t in export_targets() if t.name in names])
+    assert problems == []
+    ok = run_check(manifest, sys.executable, timeout=300)
+    assert ok.returncode == 0 and ok.stdout.count("\nPASS ") == 4, ok.stdout + ok.stderr[-3000:]
+
+    from safetensors.torch import load_file, save_file
+
+    data = json.loads(manifest.read_text())
+    llama, _, bert, _ = data["cases"]
+    assert llama["pipeline"]["task"] == "text-generation" and bert["pipeline"]["task"] == "fill-mask"
+    llama["tokenizer"]["ids"][0] += 1
+    llama["pipeline"]["token_ids"][-1] += 1
+    expected = load_file(bert["expected"])
+    expected["pipeline"][0] += 1e-3
+    save_file(expected, bert["expected"])
+    del bert["tokenizer"]
+    manifest.write_text(json.dumps(data))
+    bad = run_check(manifest, sys.executable, timeout=300)
+    assert bad.returncode == 1, bad.stdout + bad.stderr[-3000:]
+    assert f"FAIL {llama['name']}" in bad.stdout and f"FAIL {bert['name']}" in bad.stdout, bad.stdout
+    assert "AutoTokenizer (PreTrainedTokenizerFast): ids" in bad.stdout, bad.stdout
+    assert "pipeline('text-generation'): token_ids" in bad.stdout, bad.stdout
+    assert "pipeline('fill-mask'): scores: max abs error 0.001" in bad.stdout, bad.stdout
+    assert f"tokenizer.json, no tokenizer: ['{bert['folder']}']" in bad.stdout, bad.stdout
 
 
 @pytest.mark.slow

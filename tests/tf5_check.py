@@ -12,7 +12,8 @@ The manifest (written by tests/test_transformers5.py in Tessera's venv):
     {"atol": 1e-5,
      "cases": [{"name": "swin/swin_test/classes=7/2x3x64x64",
                 "folder": "/abs/export",                   # what to_hf wrote: config.json, *.safetensors, ...
-                "inputs": "/abs/inputs.safetensors",       # forward kwargs: pixel_values (+ noise for ViTMAE)
+                "inputs": "/abs/inputs.safetensors",       # forward kwargs: pixel_values (+ noise for ViTMAE),
+                                                           # or input_ids (int64) for a text model
                 "expected": "/abs/expected.safetensors",   # Tessera's outputs, in the HF models' layouts
                 "loads": [{"cls": "SwinForImageClassification",  # a transformers class or Auto class
                            "kwargs": {},                   # for from_pretrained, e.g. add_pooling_layer
@@ -23,8 +24,23 @@ The manifest (written by tests/test_transformers5.py in Tessera's venv):
                 "pipeline": {"task": "image-classification", "png": "/abs/gray.png", "expected": "pipeline",
                              "labels": ["class 0", ...], "atol": 1e-5}}]}
 
-`image` is given where the folder holds preprocessor_config.json, in one case per folder (a folder holding one
-that no case's `image` covers fails).
+A text export's case (LlamaForCausalLM / ModernBertForMaskedLM, written with the run's tokenizer) has instead
+
+                "tokenizer": {"text": "The wolf ... <mask> ...",  # AutoTokenizer(text)["input_ids"] == ids
+                              "ids": [56, 265, ...],              # Tessera's tokenizer's encoding of text
+                              "decoded": "The wolf ...",          # AutoTokenizer.decode(ids) == this
+                              "special_ids": {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "mask": 4}},
+                                                                  # tokenizer.<role>_token_id (null: none)
+                "pipeline": {"task": "fill-mask", "text": "a ... <mask> ...", "top_k": 5,
+                             "token_ids": [...], "token_strs": [...],  # the top_k predictions, best first
+                             "expected": "pipeline", "atol": 1e-5}     # their scores (softmax at the mask)
+                         or {"task": "text-generation", "text": "a prompt",
+                             "kwargs": {"max_new_tokens": 8, "do_sample": false},  # greedy
+                             "token_ids": [...],            # return_tensors=True: prompt + continuation ids
+                             "generated_text": "a prompt..."}  # the plain call's text
+
+`image` is given where the folder holds preprocessor_config.json, `tokenizer` where it holds tokenizer.json,
+each in one case per folder (a folder holding one that no case covers fails).
 
 Every load must report no missing, mismatched or unexpected key and no error (`output_loading_info=True`); the
 one exception is a base model loaded from a folder with a head (e.g. AutoModel from a
@@ -45,7 +61,12 @@ in Tessera's venv and cross-checks each against transformers 4.57 there):
   MAE (ViTMAEForPreTraining, noise given): logits = Tessera's `pred`, loss, mask, ids_restore; ViTMAEModel's
                        last_hidden_state = the encoder on the kept tokens (Tessera's `latent`)
   pipeline           = Tessera's result on the PNG (its eval transform, then the model): class probabilities in
-                       `labels` order (image-classification), or the encoder's features (image-feature-extraction)
+                       `labels` order (image-classification), or the encoder's features (image-feature-extraction);
+                       fill-mask: the softmax of ours(ids)[mask position] at its top_k ids (ids: Tessera's
+                       tokenizer on `text`); text-generation: no tensor, the ids of Tessera's greedy loop
+                       (argmax of ours(ids)[-1], appended, max_new_tokens times or until EOS)
+  Text models (input_ids): logits = ours(input_ids) (B, N, V); the base model's (LlamaModel, ModernBertModel)
+                       last_hidden_state = ours.forward_features(input_ids) (after the final norm)
   processor_pixel_values = Tessera's eval transform (pretrain.data.transforms.ImageTransform: to [0, 1],
                        resize, normalize) of the PNG, which is at the processor's size already, with the
                        image_mean/image_std of the export's preprocessor_config.json
@@ -141,11 +162,53 @@ def compare(name: str, got: torch.Tensor, expected: dict, spec: dict) -> tuple[f
     return err, []
 
 
+def run_tokenizer(case: dict, expected: dict) -> tuple[float, list[str]]:
+    """AutoTokenizer of the folder vs Tessera's tokenizer: the ids of `text` (as a user calls it, with its
+    defaults), the decoding of those ids, the special tokens' ids."""
+    spec = case["tokenizer"]
+    tok = transformers.AutoTokenizer.from_pretrained(case["folder"])
+    got = dict(
+        ids=tok(spec["text"])["input_ids"],
+        decoded=tok.decode(spec["ids"]),
+        special_ids={role: getattr(tok, f"{role}_token_id") for role in spec["special_ids"]},
+    )
+    name = f"AutoTokenizer ({type(tok).__name__})"
+    return 0.0, [f"{name}: {k} {v!r}, Tessera's {spec[k]!r}" for k, v in got.items() if v != spec[k]]
+
+
+def run_text_pipeline(case: dict, expected: dict) -> tuple[float, list[str]]:
+    """transformers' fill-mask / text-generation pipeline on the folder, as a user runs it, vs Tessera's model:
+    the top_k token ids (in order), their strings and scores; the greedy ids (prompt + continuation) and text."""
+    spec = case["pipeline"]
+    pipe = transformers.pipeline(spec["task"], model=case["folder"])
+    name = f"pipeline({spec['task']!r})"
+    err, problems = 0.0, []
+    if spec["task"] == "fill-mask":
+        out = pipe(spec["text"], top_k=spec["top_k"])
+        got = dict(token_ids=[d["token"] for d in out], token_strs=[d["token_str"] for d in out])
+        if got["token_ids"] == spec["token_ids"]:  # (else the scores are of other tokens)
+            err, problems = compare(
+                f"{name}: scores", torch.tensor([d["score"] for d in out]), expected, spec
+            )
+    elif spec["task"] == "text-generation":
+        got = dict(
+            token_ids=pipe(spec["text"], return_tensors=True, **spec["kwargs"])[0]["generated_token_ids"],
+            generated_text=pipe(spec["text"], **spec["kwargs"])[0]["generated_text"],
+        )
+    else:
+        return 0.0, [f"{name}: not a text task this checker knows"]
+    got = {k: list(map(int, v)) if k == "token_ids" else v for k, v in got.items()}
+    problems += [f"{name}: {k} {v!r}, Tessera's {spec[k]!r}" for k, v in got.items() if v != spec[k]]
+    return err, problems
+
+
 def run_pipeline(case: dict, expected: dict) -> tuple[float, list[str]]:
     """transformers' pipeline on the folder and the saved PNG, as a user runs it, vs Tessera's result:
     image-classification scores under the exported class names (expected: probabilities in `labels` order),
-    image-feature-extraction features."""
+    image-feature-extraction features. A text pipeline (`text`, no `png`): run_text_pipeline."""
     spec = case["pipeline"]
+    if "text" in spec:
+        return run_text_pipeline(case, expected)
     labels = spec.get("labels")
     out = transformers.pipeline(spec["task"], model=case["folder"])(
         spec["png"], **({"top_k": len(labels)} if labels else {})
@@ -175,10 +238,11 @@ def run_case(case: dict, atol: float) -> tuple[float, list[str], list[str]]:
         worst, problems = max(worst, err), problems + found
     for key, run, what in (
         ("image", run_image, "AutoImageProcessor"),
+        ("tokenizer", run_tokenizer, "AutoTokenizer"),
         ("pipeline", run_pipeline, "pipeline"),
     ):
         if case.get(key):
-            checked.append(what if key == "image" else f"pipeline({case[key]['task']!r})")
+            checked.append(f"pipeline({case[key]['task']!r})" if key == "pipeline" else what)
             try:
                 err, found = run(case, expected)
             except Exception:
@@ -227,13 +291,18 @@ def main(argv: list[str]) -> int:
         )
         if problems:
             failed.append((case, problems))
-    # a folder's preprocessor_config.json is checked once, with the case that gives an image
-    unchecked = sorted(
-        {c["folder"] for c in cases if (Path(c["folder"]) / "preprocessor_config.json").is_file()}
-        - {c["folder"] for c in cases if c.get("image")}
-    )
-    if unchecked:
-        failed.append(({"name": "(image processors)"}, [f"preprocessor_config.json, no image: {unchecked}"]))
+    # a folder's preprocessor_config.json / tokenizer.json is checked once, with the case that gives an image /
+    # a tokenizer sentence
+    for file, key, what in (
+        ("preprocessor_config.json", "image", "(image processors)"),
+        ("tokenizer.json", "tokenizer", "(tokenizers)"),
+    ):
+        unchecked = sorted(
+            {c["folder"] for c in cases if (Path(c["folder"]) / file).is_file()}
+            - {c["folder"] for c in cases if c.get(key)}
+        )
+        if unchecked:
+            failed.append(({"name": what}, [f"{file}, no {key}: {unchecked}"]))
     foreign = foreign_modules()
     if foreign:
         failed.append(({"name": "(isolation)"}, [f"imported from the repository: {foreign}"]))
