@@ -134,3 +134,22 @@ def test_registries():
     assert "mae" in OBJECTIVES and "vit_test_patch4" in MODELS
     with pytest.raises(TypeError, match="embed_dim"):
         create_model("vit_test_patch4", embed_dimm=3)
+
+
+def test_the_config_is_a_leaf():
+    """pretrain.config builds nothing: in a fresh interpreter it imports no model, objective, builder or torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pretrain.config\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pretrain', 'models', 'ops', 'torch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert eval(out.stdout) == [
+        "pretrain",
+        "pretrain.config",
+        "pretrain.data",
+        "pretrain.data.config",
+        "pretrain.errors",
+    ]

@@ -9,36 +9,49 @@ lazily: defining it imports mosaicml-streaming (and its torchvision shim), which
 do; `datasets`, `tokenizers` and `transformers` are imported only when text is read.
 """
 
+import importlib
 from typing import Any
 
-from pretrain.data.compat import import_streaming
-from pretrain.data.config import DataConfig, StreamConfig
-from pretrain.data.loader import TrainLoader
-from pretrain.data.mds import ShardError, convert, read_meta, validate_shards
-from pretrain.data.packing import Packer
-from pretrain.data.prepare import ensure_all_shards, ensure_shards
-from pretrain.data.sources import (
-    DATASETS,
-    ImageSource,
-    Source,
-    SourceError,
-    get_dataset,
-    list_datasets,
-    register_dataset,
-)
-from pretrain.data.split import load_split
-from pretrain.data.stream import build_train_loader, sample_seed
-from pretrain.data.text_sources import TextSource
-from pretrain.data.tokenizer import TokenizerInfo, ensure_tokenizer, hf_tokenizer, tokenizer_info
-from pretrain.data.tokens import load_token_split, token_counts
-from pretrain.data.transforms import (
-    ImageTransform,
-    hflip,
-    normalize,
-    random_resized_crop,
-    resize,
-    to_tensor,
-)
+# name -> the module defining it. Resolved on first use (PEP 562), so that importing one light module of the
+# package (pretrain.data.config, which the config tree imports) does not import the whole data layer.
+_EXPORTS = {
+    "import_streaming": "compat",
+    "DataConfig": "config",
+    "StreamConfig": "config",
+    "TrainLoader": "loader",
+    "ShardError": "mds",
+    "convert": "mds",
+    "read_meta": "mds",
+    "validate_shards": "mds",
+    "Packer": "packing",
+    "ensure_all_shards": "prepare",
+    "ensure_shards": "prepare",
+    "DATASETS": "sources",
+    "ImageSource": "sources",
+    "Source": "sources",
+    "SourceError": "sources",
+    "get_dataset": "sources",
+    "list_datasets": "sources",
+    "register_dataset": "sources",
+    "load_split": "split",
+    "build_train_loader": "stream",
+    "sample_seed": "stream",
+    "TesseraStreamingDataset": "stream",
+    "ImageStreamingDataset": "stream",
+    "TextSource": "text_sources",
+    "TokenizerInfo": "tokenizer",
+    "ensure_tokenizer": "tokenizer",
+    "hf_tokenizer": "tokenizer",
+    "tokenizer_info": "tokenizer",
+    "load_token_split": "tokens",
+    "token_counts": "tokens",
+    "ImageTransform": "transforms",
+    "hflip": "transforms",
+    "normalize": "transforms",
+    "random_resized_crop": "transforms",
+    "resize": "transforms",
+    "to_tensor": "transforms",
+}
 
 __all__ = [
     "DATASETS",
@@ -81,8 +94,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("TesseraStreamingDataset", "ImageStreamingDataset"):
-        from pretrain.data import stream
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
-        return stream.TesseraStreamingDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
