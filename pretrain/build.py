@@ -106,19 +106,26 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(str(e)) from e
     if is_text_model(cfg.model.name):
         _check_text(cfg)
-    try:
-        with torch.device("meta"):
-            build_model(cfg)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        keys = ", ".join(f"model.kwargs.{k}" for k in cfg.model.kwargs) or "model.name"
-        size = (
-            f"data.seq_len={cfg.data.seq_len}"
-            if is_text_model(cfg.model.name)
-            else f"data.image_size={cfg.data.image_size}"
-        )
-        raise ConfigError(f"model {cfg.model.name!r} cannot be built with {size} and {keys}: {e}") from e
+    kwargs = model_kwargs(cfg)
+    with torch.device("meta"):
+        try:
+            backbone = models.create_model(cfg.model.name, **kwargs)
+        except (TypeError, ValueError) as e:
+            keys = ", ".join(f"model.kwargs.{k}" for k in cfg.model.kwargs) or "model.name"
+            size = (
+                f"data.seq_len={cfg.data.seq_len}"
+                if is_text_model(cfg.model.name)
+                else f"data.image_size={cfg.data.image_size}"
+            )
+            raise ConfigError(f"model {cfg.model.name!r} cannot be built with {size} and {keys}: {e}") from e
+        tokenizer = tokenizer_of(cfg) if is_text_model(cfg.model.name) else None
+        try:
+            build_objective(cfg.objective, backbone, tokenizer=tokenizer)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            name = type(cfg.objective).registered_name
+            raise ConfigError(f"objective.name: {name!r} cannot train model.name {cfg.model.name!r}: {e}") from e
     return cfg
 
 

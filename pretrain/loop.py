@@ -219,9 +219,12 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
             }
             s.logger.log(step, {**metrics, **parts})
             bar.update(1)
-            mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            # packed text rows: each token sees its document, and mfu_doc is what the hardware did for the model
+            key = "mfu_doc" if "mfu_doc" in metrics else "mfu"
+            mfu = f" {key.replace('_', ' ')} {metrics[key]:.1%}" if key in metrics else ""
             bar.set_postfix_str(
-                f"loss={loss:.4f}, lr={lr:.2e}{mfu.replace(' mfu ', ', mfu=')}", refresh=False
+                f"loss={loss:.4f}, lr={lr:.2e}{mfu.replace(' mfu doc ', ', mfu_doc=').replace(' mfu ', ', mfu=')}",
+                refresh=False,
             )
             if step % cfg.run.log_interval == 0 or step == stop:
                 log.info(
