@@ -26,17 +26,17 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from models.registry import register_sizes
 from models.text_layers import (
     RMSNorm,
     SwiGLU,
     apply_rope,
-    default_positions,
+    check_text_inputs,
     llama_ffn_hidden,
     rope_cos_sin,
     rope_inv_freq,
+    run_layer,
 )
 from ops.attention import attention
 from ops.linear_attention import linear_attention
@@ -241,20 +241,6 @@ class LlamaDecoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def _check_inputs(self, input_ids, positions, doc_ids) -> torch.Tensor:
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (B, N), got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.max_seq_len:
-            raise ValueError(
-                f"input_ids has {input_ids.shape[1]} tokens per row, more than max_seq_len={self.max_seq_len}"
-            )
-        for name, t in (("positions", positions), ("doc_ids", doc_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(
-                    f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}"
-                )
-        return default_positions(input_ids) if positions is None else positions
-
     def forward_features(
         self,
         input_ids: torch.Tensor,
@@ -262,16 +248,13 @@ class LlamaDecoder(nn.Module):
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, N) token ids -> (B, N, D) hidden states after the final norm."""
-        positions = self._check_inputs(input_ids, positions, doc_ids)
+        positions = check_text_inputs(input_ids, positions, doc_ids, self.max_seq_len)
         x = self.embed(input_ids)  # (B, N, D)
         # computed per call, not kept as a buffer: a model cast to bf16 would round a buffer's frequencies
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta).to(input_ids.device)  # (hd / 2,)
         cos, sin = rope_cos_sin(positions, inv_freq)  # (B, 1, N, hd) each, fp32
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, cos, sin, doc_ids, use_reentrant=False)
-            else:
-                x = blk(x, cos, sin, doc_ids)
+            x = run_layer(blk, self.grad_checkpointing, x, cos, sin, doc_ids)
         return self.norm(x)
 
     def forward_head(self, hidden: torch.Tensor) -> torch.Tensor:

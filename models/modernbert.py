@@ -26,10 +26,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from models.registry import register_sizes
-from models.text_layers import GeGLU, apply_rope, default_positions, rope_cos_sin, rope_inv_freq
+from models.text_layers import GeGLU, apply_rope, check_text_inputs, rope_cos_sin, rope_inv_freq, run_layer
 from ops.attention import attention
 
 
@@ -234,19 +233,6 @@ class ModernBert(nn.Module):
         """Constructor arguments that rebuild this architecture (for checkpoints and export)."""
         return dict(self._hparams)
 
-    def _check_inputs(self, input_ids, positions, doc_ids) -> None:
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"input_ids must be (B, N) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}"
-            )
-        if input_ids.shape[1] > self.max_seq_len:
-            raise ValueError(
-                f"a row of {input_ids.shape[1]} tokens is longer than max_seq_len={self.max_seq_len}"
-            )
-        for name, t in (("positions", positions), ("doc_ids", doc_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} is {tuple(t.shape)}, input_ids is {tuple(input_ids.shape)}")
-
     def forward_features(
         self,
         input_ids: torch.Tensor,
@@ -254,19 +240,14 @@ class ModernBert(nn.Module):
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, N) -> hidden states (B, N, D) after final_norm (transformers' last_hidden_state)."""
-        self._check_inputs(input_ids, positions, doc_ids)
-        positions = default_positions(input_ids) if positions is None else positions
+        positions = check_text_inputs(input_ids, positions, doc_ids, self.max_seq_len)
         x = self.emb_norm(self.tok_embeddings(input_ids))  # (B, N, D)
         rope = {  # (cos, sin), each (B, 1, N, hd), computed once per theta in fp32
             is_global: rope_cos_sin(positions, rope_inv_freq(self.head_dim, theta).to(x.device))
             for is_global, theta in ((True, self.global_rope_theta), (False, self.local_rope_theta))
         }
         for layer in self.layers:
-            cos, sin = rope[layer.is_global]
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, doc_ids, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, doc_ids)
+            x = run_layer(layer, self.grad_checkpointing, x, *rope[layer.is_global], doc_ids)
         return self.final_norm(x)
 
     def forward_head(self, hidden: torch.Tensor) -> torch.Tensor:

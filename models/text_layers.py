@@ -20,12 +20,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
     """(B, N) positions 0..N-1 for unpacked rows."""
     B, N = input_ids.shape
     return torch.arange(N, device=input_ids.device).expand(B, N)
+
+
+def check_text_inputs(
+    input_ids: torch.Tensor, positions: torch.Tensor | None, doc_ids: torch.Tensor | None, max_seq_len: int
+) -> torch.Tensor:
+    """Validate a text model's inputs (the contract above); return the positions (default: 0..N-1 per row)."""
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"input_ids must be (B, N) integer token ids, got {tuple(input_ids.shape)} {input_ids.dtype}"
+        )
+    if input_ids.shape[1] > max_seq_len:
+        raise ValueError(f"a row of {input_ids.shape[1]} tokens is longer than max_seq_len={max_seq_len}")
+    for name, t in (("positions", positions), ("doc_ids", doc_ids)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} is {tuple(t.shape)}, input_ids is {tuple(input_ids.shape)}")
+    return default_positions(input_ids) if positions is None else positions
+
+
+def run_layer(layer: nn.Module, checkpointed: bool, *args: torch.Tensor | None) -> torch.Tensor:
+    """layer(*args), under activation checkpointing (recomputed in backward) when asked and training."""
+    if checkpointed and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

@@ -162,6 +162,24 @@ features = extract({image})  # [1][1 + patches][hidden]: the final-norm tokens, 
     return text
 
 
+def _card_head(cfg, task: str, objective: str, n_params: int) -> str:
+    """A model card's front matter, title and the table's first lines, up to "as <where it is>"."""
+    return f"""---
+library_name: transformers
+pipeline_tag: {task}
+tags:
+- tessera
+- {objective}
+- {cfg.model.name}
+---
+
+# {cfg.model.name} ({objective}) trained with Tessera
+
+| | |
+|---|---|
+| model | `{cfg.model.name}` ({n_params / 1e6:.2f}M parameters as exported), as """
+
+
 def model_card(
     cfg,
     meta: dict,
@@ -198,20 +216,9 @@ def model_card(
         names = list(hf_model.config.id2label.values())
         where = "" if labels_set else " (the run's dataset has no class names)"
         labels_line = f"| classes | {len(names)}{where}: {', '.join(names)} |\n"
-    return f"""---
-library_name: transformers
-pipeline_tag: {task}
-tags:
-- tessera
-- {objective}
-- {cfg.model.name}
----
-
-# {cfg.model.name} ({objective}) trained with Tessera
-
-| | |
-|---|---|
-| model | `{cfg.model.name}` ({n_params / 1e6:.2f}M parameters as exported), as {folders} |
+    return (
+        _card_head(cfg, task, objective, n_params)
+        + f"""{folders} |
 | objective | `{objective}` ({obj_args}) |
 | data | `{data.dataset}`, split `{data.split}`{epochs} |
 | input | {pre_text}: `preprocessor_config.json` does this |
@@ -226,6 +233,7 @@ tags:
 Exported by `python -m pretrain.export`; `tessera.json` holds the checkpoint's metadata and the run's data
 config. Outputs equal Tessera's own to 1e-5 in fp32 (tests/test_hf_parity.py).
 """
+    )
 
 
 def pipeline_task(hf_model: nn.Module) -> str:
@@ -277,20 +285,9 @@ def text_model_card(cfg, meta: dict, hf_model: nn.Module, out_dir: str, loss: fl
             "```",
         ]
     )
-    return f"""---
-library_name: transformers
-pipeline_tag: {task}
-tags:
-- tessera
-- {objective}
-- {cfg.model.name}
----
-
-# {cfg.model.name} ({objective}) trained with Tessera
-
-| | |
-|---|---|
-| model | `{cfg.model.name}` ({n_params / 1e6:.2f}M parameters as exported), as `{out_dir}` ({arch}) |
+    return (
+        _card_head(cfg, task, objective, n_params)
+        + f"""`{out_dir}` ({arch}) |
 | objective | `{objective}` ({obj_args}) |
 | data | `{data.dataset}`, split `{data.split}`, packed rows of {data.seq_len} tokens (documents never attend to each other) |
 | tokenizer | the run's own (`tokenizer.json`, vocabulary {hf_model.config.vocab_size:,} ids in the model) |
@@ -305,3 +302,4 @@ tags:
 Exported by `python -m pretrain.export`; `tessera.json` holds the checkpoint's metadata and the run's data
 config. Logits equal Tessera's own to 1e-4 in fp32 (tests/test_llama.py, tests/test_modernbert.py).
 """
+    )

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import models.llama
+import models.text_layers
 from models import create_model
 from models.hf import adapter_for_arch, adapter_for_model
 from models.llama import LlamaDecoder
@@ -333,7 +334,7 @@ def test_grad_checkpointing_wraps_every_block(monkeypatch):
         calls.append(fn)
         return torch.utils.checkpoint.checkpoint(fn, *args, **kw)
 
-    monkeypatch.setattr(models.llama, "checkpoint", counting)
+    monkeypatch.setattr(models.text_layers, "checkpoint", counting)
     model = decoder(depth=3).train()
     model.set_grad_checkpointing(True)
     model(random_ids(model, 1, 10)).sum().backward()

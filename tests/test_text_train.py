@@ -295,16 +295,16 @@ def test_elastic_two_ranks_to_one_keeps_every_document_once(tmp_path, wordnet):
 
 def _long_run(tmp_path, shards, monkeypatch, *extra) -> list[dict]:
     """Train configs/clm_8k_tiny.yaml, counting the blocks run under activation checkpointing."""
-    import models.llama
+    import models.text_layers
 
     calls = []
-    real = models.llama.checkpoint
+    real = models.text_layers.checkpoint
 
     def counting(fn, *args, **kw):
         calls.append(args[0].shape)  # (B, N, D) hidden states entering a block
         return real(fn, *args, **kw)
 
-    monkeypatch.setattr(models.llama, "checkpoint", counting)
+    monkeypatch.setattr(models.text_layers, "checkpoint", counting)
     out = tmp_path / "long"
     assert main(text_args(LONG, out, shards, "run.tensorboard=false", *extra)) == 0
     rows = read_metrics(out)
