@@ -50,10 +50,12 @@ from pretrain.objectives.mae import MAE, MAEConfig
 
 def to_hf(
     model: nn.Module, out_dir: str | Path, data: DataConfig | None = None, labels: list[str] | None = None
-) -> nn.Module:
+) -> nn.Module | None:
     """Write the HF folder for a Tessera model (an MAE objective, another objective's backbone, or a bare
     backbone); return the HF model. With the run's `data` config, the folder also gets the image processor that
-    repeats its eval preprocessing; `labels` name a classifier's outputs (config id2label)."""
+    repeats its eval preprocessing (text: the run's tokenizer); `labels` name a classifier's outputs (config
+    id2label). A text model no transformers class can hold (linear attention, a sliding window) is written in
+    Tessera's safetensors layout instead, and None returned (`_tessera_layout`)."""
     out = Path(out_dir)
     backbone = getattr(model, "backbone", model)  # objectives hold theirs as .backbone
     if getattr(backbone, "modality", "image") == "text":
@@ -88,7 +90,10 @@ def to_hf(
 def _text_to_hf(backbone: nn.Module, out: Path, data: DataConfig | None) -> nn.Module:
     """A text backbone as its HF twin (LlamaForCausalLM, ModernBertForMaskedLM), with the run's tokenizer
     (AutoTokenizer) and its special token ids in the config, so pipeline("text-generation" / "fill-mask") works."""
-    hf = adapter_for_model(backbone).to_hf(backbone)
+    try:
+        hf = adapter_for_model(backbone).to_hf(backbone)
+    except ValueError as why:  # e.g. linear attention: no transformers class holds it at these pins
+        return _tessera_layout(backbone, out, data, str(why))
     tokenizer = None
     if data is not None:
         from pretrain.data.tokenizer import hf_tokenizer, tokenizer_info
@@ -107,6 +112,50 @@ def _text_to_hf(backbone: nn.Module, out: Path, data: DataConfig | None) -> nn.M
     return hf
 
 
+TESSERA_LAYOUT = "tessera_model.json"
+
+
+def _tessera_layout(backbone: nn.Module, out: Path, data: DataConfig | None, why: str) -> None:
+    """A model transformers has no class for, in Tessera's own safetensors layout: `model.safetensors` (the
+    backbone's state dict, keys as in its models/<family>.py), `tessera_model.json` (its class and constructor
+    arguments) and the run's tokenizer files; `from_hf(out)` builds it back. Returns None (no HF model)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "layout": "tessera"})
+    cls = type(backbone)
+    spec = {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "hparams": backbone.hparams(),
+        "no_hf_export": why,
+    }
+    (out / TESSERA_LAYOUT).write_text(json.dumps(spec, indent=1))
+    if data is not None:
+        from pretrain.data.tokenizer import hf_tokenizer, tokenizer_info
+
+        hf_tokenizer(tokenizer_info(data)).save_pretrained(out)
+    return None
+
+
+def _from_tessera_layout(folder: Path) -> nn.Module:
+    import importlib
+
+    from safetensors.torch import load_file
+
+    spec = json.loads((folder / TESSERA_LAYOUT).read_text())
+    module, _, name = spec["class"].rpartition(".")
+    if not module.startswith("models."):
+        raise ValueError(f"{folder / TESSERA_LAYOUT}: class {spec['class']!r} is not a Tessera model")
+    model = getattr(importlib.import_module(module), name)(**spec["hparams"])
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{folder}: weights do not match {spec['class']} (missing {missing}, unexpected {unexpected})"
+        )
+    return model.eval()
+
+
 def from_hf(hf_dir: str | Path) -> nn.Module:
     """Build the Tessera model from an HF folder written by `to_hf`, or any folder of a supported architecture
     (ViTMAE, or one a family adapter imports: ViT, Swin, ConvNeXt, ...)."""
@@ -115,6 +164,10 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
     from ops.compat import import_transformers
 
     hf_dir = Path(hf_dir)
+    if (
+        hf_dir / TESSERA_LAYOUT
+    ).is_file():  # a model with no transformers class (pretrain.export._tessera_layout)
+        return _from_tessera_layout(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model folder")
     config = import_transformers().AutoConfig.from_pretrained(str(hf_dir))
@@ -205,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     labels = None if text else class_names(meta["data"], meta)
     with torch.no_grad():
         hf = to_hf(model, out, data=cfg.data, labels=labels)
+    if (
+        hf is None
+    ):  # no transformers class: Tessera's safetensors layout (to_hf says why in tessera_model.json)
+        why = json.loads((out / TESSERA_LAYOUT).read_text())["no_hf_export"]
+        (out / "tessera.json").write_text(json.dumps(meta, indent=1))
+        print(
+            f"exported {meta['checkpoint']} (step {meta['step']}) in Tessera's safetensors layout to {out}: {why}"
+        )
+        return 0
     if text:
         card = text_model_card(cfg, meta, hf, str(out), final_loss(meta))
     else:

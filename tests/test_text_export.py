@@ -226,3 +226,26 @@ def test_text_eval_mlm(exported, eval_dir, monkeypatch):
     for key in ("accuracy", "most_frequent_accuracy"):
         assert 0 <= r[key] <= 1 and r[key] * r["targets"] == pytest.approx(round(r[key] * r["targets"]))
     assert 1 < r["perplexity"] < 10 * 512 and 1 < r["unigram_perplexity"] < 512
+
+
+@pytest.mark.parametrize("kwargs", ["{linear_attn: gla, softmax_every: 2}", "{sliding_window: 16}"])
+def test_models_without_a_transformers_class_export_in_tesseras_layout(tmp_path, kwargs):
+    """Linear attention (and a sliding window) have no transformers twin at these pins: the CLI writes the
+    documented safetensors layout + the tokenizer, and from_hf builds the same model back."""
+    shards = convert_wordnet(tmp_path / "wordnet")
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(text_args(CLM, run, shards, f"model.kwargs={kwargs}", "train.max_steps=2")) == 0
+    assert export.main([str(run), str(out)]) == 0
+    spec = json.loads((out / export.TESSERA_LAYOUT).read_text())
+    assert spec["class"] == "models.llama.LlamaDecoder" and "no Hugging Face export" in spec["no_hf_export"]
+    assert not (out / "config.json").exists()  # nothing pretends to be a transformers folder
+    model, _ = export.load_checkpoint_model(run)
+    back = export.from_hf(out)
+    ours = model.backbone.state_dict()
+    assert back.state_dict().keys() == ours.keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.items())
+    ids = torch.randint(5, 512, (1, 40))
+    assert torch.equal(back(ids), model.backbone(ids))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("a dog")["input_ids"]  # the run's tokenizer is there
