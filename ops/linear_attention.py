@@ -187,9 +187,11 @@ def linear_attention(
     carry = torch.exp(b_last[..., 0, :]) * (seg[..., -1] == 0)[..., None]  # (B, H, nc, 1 or dk)
     state = q.new_zeros(bsz, h, dk, dv, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     entering = []
-    for i in range(nc):  # sequential scan over chunks, O(N / C) steps of (dk, dv) work
+    # sequential scan over chunks, O(N / C) steps of (dk, dv) work. unbind, not carry[:, :, i]: the backward of
+    # each indexing writes a full-size zero gradient, which made the backward quadratic in the number of chunks
+    for carry_i, update_i in zip(carry.unbind(2), update.unbind(2)):
         entering.append(state)
-        state = carry[:, :, i, :, None] * state + update[:, :, i]
+        state = carry_i[..., None] * state + update_i
     out = out + q_in @ torch.stack(entering, 2)  # (B, H, nc, C, dv)
     out = out.reshape(bsz, h, nc * c, dv)[:, :, :n].masked_fill(~keep, 0.0).to(q.dtype)
     return (out, state) if return_state else out
