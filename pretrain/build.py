@@ -125,7 +125,9 @@ def check_config(cfg: Config) -> Config:
             raise
         except (TypeError, ValueError) as e:
             name = type(cfg.objective).registered_name
-            raise ConfigError(f"objective.name: {name!r} cannot train model.name {cfg.model.name!r}: {e}") from e
+            raise ConfigError(
+                f"objective.name: {name!r} cannot train model.name {cfg.model.name!r}: {e}"
+            ) from e
     return cfg
 
 
