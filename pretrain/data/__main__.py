@@ -18,7 +18,7 @@ import sys
 from pretrain.data.config import DataConfig
 from pretrain.data.mds import convert, num_samples, read_meta, validate_shards
 from pretrain.data.sources import SourceError, get_dataset, list_datasets
-from pretrain.data.tokenizer import ensure_tokenizer
+from pretrain.data.tokenizer import ensure_tokenizer, shard_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,17 +81,19 @@ def main(argv: list[str] | None = None) -> int:
                 bad_samples=args.bad_samples,
             )
             cfg.validate()
+            tok = ensure_tokenizer(cfg)
+            out = shard_dir(cfg, tok)
             meta = convert(
                 args.name,
                 args.split,
-                cfg.local_dir(),
+                out,
                 source=args.source,
                 max_samples=args.max_samples,
                 overwrite=args.overwrite,
                 data=cfg,
-                tokenizer=ensure_tokenizer(cfg),
+                tokenizer=tok,
             )
-            print(json.dumps({"out": cfg.local_dir(), **meta}))
+            print(json.dumps({"out": out, **meta}))
         elif args.command == "verify":
             index = validate_shards(args.dir)
             print(

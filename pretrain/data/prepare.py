@@ -13,7 +13,7 @@ import os
 
 from pretrain.data.config import DataConfig
 from pretrain.data.mds import ShardError, convert, read_meta, validate_shards
-from pretrain.data.tokenizer import TokenizerInfo, ensure_tokenizer
+from pretrain.data.tokenizer import TokenizerInfo, ensure_tokenizer, shard_dir
 from pretrain.dist import DistContext
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def _prepare(cfg: DataConfig, subset_ok: bool, tok: TokenizerInfo | None) -> str
             )
         validate_shards(cfg.remote)
         _check_meta(cfg.remote, cfg, subset_ok, tok)
-        return cfg.local_dir()
-    local = cfg.local_dir()
+        return shard_dir(cfg, tok)
+    local = shard_dir(cfg, tok)
     if not os.path.exists(os.path.join(local, "index.json")):
         log.info("no shards at %s: converting %s/%s there (first use)", local, cfg.dataset, cfg.split)
         try:

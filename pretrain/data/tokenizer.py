@@ -105,6 +105,23 @@ def trained_tokenizer_dir(cfg: DataConfig) -> str:
     return os.path.join(home, f"tokenizer-{first.dataset}-bpe{cfg.vocab_size}{subset}")
 
 
+def shard_dir(cfg: DataConfig, tok: TokenizerInfo | None) -> str:
+    """The directory a split's shards live in: data.local when set; else DataConfig.local_dir(), which for text
+    is suffixed with the tokenizer it was tokenized with (`-bpe<V>[-first<N>]` for one trained here, `-tok<sha>`
+    for data.tokenizer), so runs with different tokenizers never fight over the same default directory."""
+    if cfg.local or tok is None:
+        return cfg.local_dir()
+    if tok.trained:
+        tag = (
+            os.path.basename(os.path.dirname(tok.path))
+            .removeprefix("tokenizer-")
+            .removeprefix(f"{cfg.dataset}-")
+        )
+    else:
+        tag = f"tok{(tok.sha256 or '')[:12]}"
+    return f"{cfg.local_dir()}-{tag}"
+
+
 def load_tokenizer(path: str) -> Any:
     """tokenizers.Tokenizer from a tokenizer.json (or folder), with padding and truncation off: documents are
     tokenized whole and packed by Tessera (a packaged tokenizer.json may pad every text to 128)."""
