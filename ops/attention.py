@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +195,24 @@ def _documents(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
                 "doc_ids: each document must be one contiguous run of its row (padding -1 anywhere)"
             )
     return starts, lengths, real
+
+
+_PLAN: tuple[weakref.ref, int, tuple] | None = (
+    None  # the last doc_ids' plan: every layer of a forward shares it
+)
+
+
+def _document_plan(doc_ids: torch.Tensor) -> tuple:
+    """(starts, lengths, real, length groups) of a packed batch, computed once per doc_ids tensor: a model passes
+    the same tensor to every layer (and to checkpointed recomputes), which would otherwise redo the layout, its
+    contiguity check and a host sync in each."""
+    global _PLAN
+    if _PLAN is not None and _PLAN[0]() is doc_ids and _PLAN[1] == doc_ids._version:
+        return _PLAN[2]
+    starts, lengths, real = _documents(doc_ids)
+    plan = (starts, lengths, real, _group_by_length(lengths.tolist()))
+    _PLAN = (weakref.ref(doc_ids), doc_ids._version, plan)
+    return plan
 
 
 def cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -396,10 +415,8 @@ def attention(
         )
         return out.transpose(1, 2)
     if doc_ids is not None and attn_mask is None:
-        starts, lengths, real = _documents(doc_ids)
-        groups = _group_by_length(lengths.tolist())
-        if _per_document_cheaper(groups, q.shape[0], q.shape[2], is_causal):
-            plan = (starts, lengths, real, groups)
+        plan = _document_plan(doc_ids)
+        if _per_document_cheaper(plan[3], q.shape[0], q.shape[2], is_causal):
             return _per_document_attention(q, k, v, is_causal, dropout_p, scale, window, plan)
     n, m = q.shape[-2], k.shape[-2]
     keep = None  # bool (.., N, M) structural mask: documents, window, causality folded in

@@ -30,6 +30,7 @@ from models.hf import (
     adapter_for_arch,
     adapter_for_model,
     gray_from_rgb,
+    load_strict,
     rgb_from_gray,
 )
 from models.vit_hf import decoder_from_hf, decoder_kwargs_from_hf, mae_to_hf, vit_from_hf, vit_to_hf
@@ -148,12 +149,7 @@ def _from_tessera_layout(folder: Path) -> nn.Module:
     if not module.startswith("models."):
         raise ValueError(f"{folder / TESSERA_LAYOUT}: class {spec['class']!r} is not a Tessera model")
     model = getattr(importlib.import_module(module), name)(**spec["hparams"])
-    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{folder}: weights do not match {spec['class']} (missing {missing}, unexpected {unexpected})"
-        )
-    return model.eval()
+    return load_strict(model, load_file(str(folder / "model.safetensors")), f"{folder} ({spec['class']})")
 
 
 def from_hf(hf_dir: str | Path) -> nn.Module:
