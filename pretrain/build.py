@@ -13,7 +13,7 @@ import models
 from pretrain import config as config_tree
 from pretrain.config import Config, ConfigError
 from pretrain.data.sources import get_dataset
-from pretrain.objectives import build_objective, objective_config
+from pretrain.objectives import OBJECTIVES, build_objective, objective_config, objectives_for
 
 
 def is_text_model(name: str) -> bool:
@@ -51,7 +51,7 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     tokenizer = tokenizer_of(cfg) if is_text_model(cfg.model.name) else None
-    return build_objective(cfg.objective, backbone, tokenizer=tokenizer)
+    return build_objective(cfg.objective, backbone, tokenizer=tokenizer, seed=cfg.seed)
 
 
 def example_batch(cfg: Config, batch_size: int, device: torch.device | str = "cpu") -> dict:
@@ -119,12 +119,17 @@ def check_config(cfg: Config) -> Config:
             )
             raise ConfigError(f"model {cfg.model.name!r} cannot be built with {size} and {keys}: {e}") from e
         tokenizer = tokenizer_of(cfg) if is_text_model(cfg.model.name) else None
+        name = type(cfg.objective).registered_name
+        if not OBJECTIVES.get(name).supports(backbone):
+            raise ConfigError(
+                f"objective.name: {name!r} cannot train model.name {cfg.model.name!r} (family "
+                f"{type(backbone).__name__}); objectives that can: {', '.join(objectives_for(backbone))}"
+            )
         try:
-            build_objective(cfg.objective, backbone, tokenizer=tokenizer)
+            build_objective(cfg.objective, backbone, tokenizer=tokenizer, seed=cfg.seed)
         except ConfigError:
             raise
         except (TypeError, ValueError) as e:
-            name = type(cfg.objective).registered_name
             raise ConfigError(
                 f"objective.name: {name!r} cannot train model.name {cfg.model.name!r}: {e}"
             ) from e

@@ -47,6 +47,10 @@ class ModelConfig:
     name: str = "vit_tiny_patch16"  # a models registry name: models.list_models()
     kwargs: dict[str, Any] = field(default_factory=dict)  # constructor overrides, checked against the model
     grad_checkpointing: bool = False  # activation checkpointing of every block
+    # Start from these weights: a Tessera run dir or checkpoint (any engine, any ZeRO stage) or a transformers
+    # folder of a supported family. The backbone's weights are loaded (position embeddings interpolated to the
+    # new size); the objective's heads start fresh (pretrain.init_from).
+    init_from: str | None = None
 
 
 @dataclass
@@ -96,6 +100,22 @@ class GuardConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online monitors of the backbone's features on a fixed held-out split (pretrain.monitor): every rank
+    embeds its share, the features are gathered, and every rank scores the same numbers."""
+
+    interval: int = 0  # steps between evaluations (and one at the last step); 0 = never
+    knn: bool = True  # k-nearest-neighbour accuracy (cosine, temperature-weighted vote)
+    linear_probe: bool = True  # a logistic-regression probe fit on `train_samples` training images
+    dataset: str | None = None  # labelled image dataset to evaluate on; None = data.dataset
+    train_samples: int = 2000  # a fixed subset of the train split (the kNN bank and the probe's training set)
+    test_samples: int = 1000  # a fixed subset of the test split (scored)
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256  # images per forward while embedding
+
+
+@dataclass
 class EngineConfig:
     backend: str = "torch"  # torch (DDP, the reference) | deepspeed
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
@@ -115,6 +135,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> Config:
@@ -176,6 +197,12 @@ class Config:
         need(self.checkpoint.interval > 0, "checkpoint.interval", "must be > 0")
         need(self.checkpoint.keep_last > 0, "checkpoint.keep_last", "must be > 0")
         need(self.run.log_interval > 0, "run.log_interval", "must be > 0")
+        need(self.eval.interval >= 0, "eval.interval", "must be >= 0 (0 = never)")
+        need(self.eval.k >= 1, "eval.k", "must be >= 1")
+        need(self.eval.temperature > 0, "eval.temperature", "must be > 0")
+        need(self.eval.train_samples >= 2, "eval.train_samples", "must be >= 2")
+        need(self.eval.test_samples >= 1, "eval.test_samples", "must be >= 1")
+        need(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
         need(
             self.run.peak_tflops is None or self.run.peak_tflops > 0,
             "run.peak_tflops",

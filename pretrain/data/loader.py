@@ -129,6 +129,9 @@ class TrainLoader:
             batch = self._next_batch()
             self._bad(batch.pop("bad", []))  # raises ShardError unless skipping (and under the limit)
             if "image" in batch:
+                # each sample's epoch: with its id, what masks are drawn from (models.masking), so a resumed or
+                # elastic run masks every sample as the uninterrupted run did
+                batch["epoch"] = torch.full_like(batch["index"], self._epoch)
                 return batch
             # every sample of this micro-batch was skipped: an empty batch would break the step. One rank takes
             # the next; with several that rank would run a batch ahead of the others and, at the epoch's end,

@@ -2,8 +2,11 @@
 
 Each registered objective class has a `Config` dataclass (its section of the config tree, chosen by
 `objective.name`) and is built as `cls(backbone, cfg)`, or `cls(backbone, cfg, tokenizer=info)` when it declares
-`needs_tokenizer = True` (text objectives: pretrain.data's TokenizerInfo of the run's data). Scalar parts are
-logged; other parts (predictions, masks) are for the objective's own `visuals()`.
+`needs_tokenizer = True` (text objectives: pretrain.data's TokenizerInfo of the run's data), and with `seed=` (the
+run's seed) when it declares `needs_seed = True` (objectives that draw per-sample masks: models.masking). Every
+objective class answers `supports(backbone) -> bool` (whether it can train that backbone): a config pairing an
+objective with a backbone it cannot train is refused naming the objectives that can (`objectives_for`). Scalar
+parts are logged; other parts (predictions, masks) are for the objective's own `visuals()`.
 """
 
 from __future__ import annotations
@@ -40,13 +43,28 @@ def objective_name(cfg) -> str:
     return name
 
 
-def build_objective(cfg, backbone: nn.Module, tokenizer=None) -> nn.Module:
+def objectives_for(backbone: nn.Module) -> list[str]:
+    """The registered objectives that can train `backbone` (their `supports`)."""
+    return [n for n in OBJECTIVES.names() if OBJECTIVES.get(n).supports(backbone)]
+
+
+def build_objective(cfg, backbone: nn.Module, tokenizer=None, seed: int = 0) -> nn.Module:
     cls = OBJECTIVES.get(objective_name(cfg))
+    kwargs = {}
     if getattr(cls, "needs_tokenizer", False):
-        return cls(backbone, cfg, tokenizer=tokenizer)
-    return cls(backbone, cfg)
+        kwargs["tokenizer"] = tokenizer
+    if getattr(cls, "needs_seed", False):
+        kwargs["seed"] = seed
+    return cls(backbone, cfg, **kwargs)
 
 
 from pretrain.objectives import classify, clm, mae, mlm  # noqa: E402,F401  (register the objectives)
 
-__all__ = ["OBJECTIVES", "build_objective", "objective_config", "objective_name", "register_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "build_objective",
+    "objective_config",
+    "objective_name",
+    "objectives_for",
+    "register_objective",
+]

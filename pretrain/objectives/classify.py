@@ -30,6 +30,11 @@ class ClassifyConfig:
 class Classify(nn.Module):
     Config = ClassifyConfig
 
+    @classmethod
+    def supports(cls, backbone: nn.Module) -> bool:
+        """Every image backbone (its head is reset to the class count)."""
+        return getattr(backbone, "modality", "image") == "image"
+
     def __init__(self, backbone: nn.Module, cfg: ClassifyConfig):
         super().__init__()
         self.cfg = cfg

@@ -44,11 +44,17 @@ def next_token_targets(
 @register_objective("clm")
 class CLM(nn.Module):
     Config = CLMConfig
+
+    @classmethod
+    def supports(cls, backbone: nn.Module) -> bool:
+        """A causal text model (a decoder family)."""
+        return getattr(backbone, "modality", "image") == "text" and getattr(backbone, "causal", False)
+
     needs_tokenizer = True
 
     def __init__(self, backbone: nn.Module, cfg: CLMConfig, tokenizer=None):
         super().__init__()
-        if getattr(backbone, "modality", "image") != "text" or not getattr(backbone, "causal", False):
+        if not self.supports(backbone):
             raise ValueError(
                 f"clm needs a causal text model (a decoder family, e.g. llama_*); {type(backbone).__name__} is not one"
             )

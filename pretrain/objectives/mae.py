@@ -37,10 +37,15 @@ class MAEConfig:
 class MAE(nn.Module):
     Config = MAEConfig
 
+    @classmethod
+    def supports(cls, backbone: nn.Module) -> bool:
+        """A ViT-style backbone that encodes a subset of its patch tokens (`forward_features(..., ids_keep=)`)."""
+        encode = getattr(backbone, "forward_features", None)
+        return encode is not None and "ids_keep" in inspect.signature(encode).parameters
+
     def __init__(self, backbone: nn.Module, cfg: MAEConfig):
         super().__init__()
-        encode = getattr(backbone, "forward_features", None)
-        if encode is None or "ids_keep" not in inspect.signature(encode).parameters:
+        if not self.supports(backbone):
             raise ValueError(
                 f"MAE needs a ViT-style backbone that encodes a subset of patch tokens (ids_keep); "
                 f"{type(backbone).__name__} is not one (hierarchical families take a mask for SimMIM/SparK instead)"

@@ -66,11 +66,17 @@ def mask_tokens(
 @register_objective("mlm")
 class MLM(nn.Module):
     Config = MLMConfig
+
+    @classmethod
+    def supports(cls, backbone: nn.Module) -> bool:
+        """A bidirectional text model (an encoder family)."""
+        return getattr(backbone, "modality", "image") == "text" and not getattr(backbone, "causal", True)
+
     needs_tokenizer = True
 
     def __init__(self, backbone: nn.Module, cfg: MLMConfig, tokenizer=None):
         super().__init__()
-        if getattr(backbone, "modality", "image") != "text" or getattr(backbone, "causal", True):
+        if not self.supports(backbone):
             raise ValueError(
                 f"mlm needs a bidirectional text model (an encoder family, e.g. modernbert_*); "
                 f"{type(backbone).__name__} is not one"
