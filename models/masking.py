@@ -67,11 +67,13 @@ def random_cell_masks(
     rows, cols = cells
     n_cells = rows * cols
     n = num_masked(n_cells, ratio)
-    out = torch.zeros(len(index), n_cells, dtype=torch.bool)
+    out, device = torch.zeros(len(index), n_cells, dtype=torch.bool), index.device
+    if device.type == "meta":  # shapes only (FLOP counting on the meta device): any valid mask will do
+        epoch, index = torch.zeros(len(index), dtype=torch.long), torch.arange(len(index))
     for b, (e, i) in enumerate(zip(epoch.tolist(), index.tolist())):
         g = torch.Generator().manual_seed(sample_seed(seed, int(e), int(i)))
         out[b, torch.randperm(n_cells, generator=g)[:n]] = True
-    return out.view(-1, rows, cols).to(index.device)
+    return out.view(-1, rows, cols).to(device)
 
 
 def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:

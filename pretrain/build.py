@@ -41,6 +41,11 @@ def model_kwargs(cfg: Config) -> dict:
         return kwargs
     kwargs.setdefault("in_chans", get_dataset(cfg.data.dataset).channels)
     kwargs.setdefault("img_size", cfg.data.image_size)
+    # what the objective needs built into the backbone (SimMIM: a learned mask token), unless the config says
+    for key, value in getattr(
+        OBJECTIVES.get(type(cfg.objective).registered_name), "backbone_kwargs", {}
+    ).items():
+        kwargs.setdefault(key, value)
     return kwargs
 
 
@@ -71,6 +76,7 @@ def example_batch(cfg: Config, batch_size: int, device: torch.device | str = "cp
         "image": torch.randn(batch_size, kwargs["in_chans"], size, size, device=device),  # (B, C, S, S)
         "label": torch.zeros(batch_size, dtype=torch.long, device=device),
         "index": torch.arange(batch_size, device=device),
+        "epoch": torch.zeros(batch_size, dtype=torch.long, device=device),
     }
 
 

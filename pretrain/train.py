@@ -72,6 +72,11 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
     loader = open_loader(None)  # data errors first, before the model is built
     try:
         model = build_model(cfg)
+        if cfg.model.init_from and latest is None:  # a resumed run has its own weights
+            from pretrain.init_from import init_from
+
+            for line in init_from(model, cfg):
+                log.info("model.init_from: %s", line)
         engine = build_engine(model, cfg, ctx)
         log.info(
             "world_size=%d launcher=%s device=%s engine=%s",

@@ -3,7 +3,8 @@
 Each registered objective class has a `Config` dataclass (its section of the config tree, chosen by
 `objective.name`) and is built as `cls(backbone, cfg)`, or `cls(backbone, cfg, tokenizer=info)` when it declares
 `needs_tokenizer = True` (text objectives: pretrain.data's TokenizerInfo of the run's data), and with `seed=` (the
-run's seed) when it declares `needs_seed = True` (objectives that draw per-sample masks: models.masking). Every
+run's seed) when it declares `needs_seed = True`. A class attribute `backbone_kwargs` (e.g. {"mask_token": True})
+gives constructor arguments the backbone is built with unless the config sets them (objectives that draw per-sample masks: models.masking). Every
 objective class answers `supports(backbone) -> bool` (whether it can train that backbone): a config pairing an
 objective with a backbone it cannot train is refused naming the objectives that can (`objectives_for`). Scalar
 parts are logged; other parts (predictions, masks) are for the objective's own `visuals()`.
@@ -58,7 +59,7 @@ def build_objective(cfg, backbone: nn.Module, tokenizer=None, seed: int = 0) -> 
     return cls(backbone, cfg, **kwargs)
 
 
-from pretrain.objectives import classify, clm, mae, mlm  # noqa: E402,F401  (register the objectives)
+from pretrain.objectives import classify, clm, mae, mlm, simmim, spark  # noqa: E402,F401  (register the objectives)
 
 __all__ = [
     "OBJECTIVES",

@@ -1,0 +1,1 @@
+"""SimMIM objective (being written)."""

@@ -1,0 +1,1 @@
+"""SparK and FCMAE objectives (being written)."""
