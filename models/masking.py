@@ -67,12 +67,15 @@ def random_cell_masks(
     rows, cols = cells
     n_cells = rows * cols
     n = num_masked(n_cells, ratio)
-    out, device = torch.zeros(len(index), n_cells, dtype=torch.bool), index.device
+    out, device = torch.zeros(len(index), n_cells, dtype=torch.bool, device="cpu"), index.device
     if device.type == "meta":  # shapes only (FLOP counting on the meta device): any valid mask will do
-        epoch, index = torch.zeros(len(index), dtype=torch.long), torch.arange(len(index))
+        epoch, index = (
+            torch.zeros(len(index), dtype=torch.long, device="cpu"),
+            torch.arange(len(index), device="cpu"),
+        )
     for b, (e, i) in enumerate(zip(epoch.tolist(), index.tolist())):
         g = torch.Generator().manual_seed(sample_seed(seed, int(e), int(i)))
-        out[b, torch.randperm(n_cells, generator=g)[:n]] = True
+        out[b, torch.randperm(n_cells, generator=g, device="cpu")[:n]] = True
     return out.view(-1, rows, cols).to(device)
 
 

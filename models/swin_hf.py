@@ -15,6 +15,7 @@ stages.i.blocks.j.mlp.fc1 / fc2            encoder.layers.i.blocks.j.intermediat
 stages.{i+1}.downsample.{norm,reduction}   encoder.layers.i.downsample.{norm,reduction}  (HF merges at a stage's end)
 norm                                       layernorm
 head                                       classifier (SwinForImageClassification)
+SimMIM decoder 0.{weight,bias}             decoder.0.{weight,bias} (SwinForMaskedImageModeling; encoder under "swin.")
 
 Outputs: last_hidden_state = forward_features; pooler_output = forward_head(pre_logits=True); stage i of
 forward_intermediates = encoder(..., output_hidden_states=True, output_hidden_states_before_downsampling=True)
@@ -37,6 +38,7 @@ import torch.nn as nn
 
 from models.hf import HFAdapter, backbone_state, load_strict, register_hf, swin_stages
 from models.hf_config import check_drop_path, check_gelu, nominal_size, reject, square
+from models.simmim import decoder_to_hf, split_mim_state
 from models.swin import SwinTransformer
 from ops.compat import import_transformers
 
@@ -132,6 +134,27 @@ def swin_to_hf(model: SwinTransformer):
         hf = tf.SwinModel(cfg, use_mask_token=model.mask_token is not None)
         sd = encoder_to_hf(model)
     return load_strict(hf, sd, "swin_to_hf")
+
+
+def swin_mim_to_hf(model: SwinTransformer, decoder: nn.Module, encoder_stride: int):
+    """SwinForMaskedImageModeling holding a SimMIM run's backbone and decoder (models/simmim.py), eval().
+    image_size = the model's img_size (the training size: transformers' loss reshapes the mask by it);
+    a backbone trained without a mask token (zeros at masked positions) exports a zero one, which is the same."""
+    tf = import_transformers()
+    cfg = swin_config(model)
+    cfg.encoder_stride = encoder_stride
+    sd = encoder_to_hf(model, "swin.")
+    if model.mask_token is None:
+        sd["swin.embeddings.mask_token"] = torch.zeros(1, 1, model.embed_dim)
+    sd.update(decoder_to_hf(decoder))
+    return load_strict(tf.SwinForMaskedImageModeling(cfg), sd, "swin_mim_to_hf")
+
+
+def swin_mim_from_hf(sd: dict[str, torch.Tensor], cfg) -> tuple[SwinTransformer, dict[str, torch.Tensor]]:
+    """A SwinForMaskedImageModeling state dict -> (SwinTransformer with its mask token, the decoder's state
+    dict `0.weight`, `0.bias`)."""
+    enc, dec = split_mim_state(sd, "swin.", "swin_mim_from_hf")
+    return swin_from_hf(enc, cfg), dec
 
 
 def swin_kwargs_from_hf(cfg) -> dict:

@@ -16,6 +16,7 @@ layers.i.blocks.j.mlp.fc1 / fc2      encoder.layers.i.blocks.j.intermediate.dens
 layers.i.downsample.{reduction,norm} encoder.layers.i.downsample.{reduction,norm}
 norm                                 layernorm
 head                                 classifier (Swinv2ForImageClassification)
+SimMIM decoder 0.{weight,bias}       decoder.0.{weight,bias} (Swinv2ForMaskedImageModeling; encoder under "swinv2.")
 
 Stages: HF's encoder hidden_states[0] is the stem; with output_hidden_states_before_downsampling=True, [i + 1] is
 stage i's blocks' output before its merging (= forward_intermediates[i]); Swinv2Model's default hidden_states[i + 1]
@@ -36,6 +37,7 @@ import torch
 
 from models.hf import HFAdapter, backbone_state, load_strict, register_hf, swin_stages
 from models.hf_config import check_drop_path, check_gelu, nominal_size, reject, square
+from models.simmim import decoder_to_hf, split_mim_state
 from models.swin_v2 import NORM_EPS, SwinTransformerV2
 from ops.compat import import_transformers
 
@@ -134,6 +136,27 @@ def swinv2_to_hf(model: SwinTransformerV2):
         hf = tf.Swinv2Model(cfg, use_mask_token=model.mask_token is not None)
         sd = backbone_to_hf(model, mask_token=True)
     return load_strict(hf, sd, f"swinv2_to_hf (SwinTransformerV2 -> {type(hf).__name__})")
+
+
+def swinv2_mim_to_hf(model: SwinTransformerV2, decoder: torch.nn.Module, encoder_stride: int):
+    """Swinv2ForMaskedImageModeling holding a SimMIM run's backbone and decoder (models/simmim.py), eval().
+    image_size = the model's img_size (the training size: transformers' loss reshapes the mask by it);
+    a backbone trained without a mask token (zeros at masked positions) exports a zero one, which is the same."""
+    tf = import_transformers()
+    cfg = swinv2_config(model)
+    cfg.encoder_stride = encoder_stride
+    sd = backbone_to_hf(model, "swinv2.", mask_token=True)
+    if model.mask_token is None:
+        sd["swinv2.embeddings.mask_token"] = torch.zeros(1, 1, model.embed_dim)
+    sd.update(decoder_to_hf(decoder))
+    return load_strict(tf.Swinv2ForMaskedImageModeling(cfg), sd, "swinv2_mim_to_hf")
+
+
+def swinv2_mim_from_hf(sd: dict[str, torch.Tensor], cfg) -> tuple[SwinTransformerV2, dict[str, torch.Tensor]]:
+    """A Swinv2ForMaskedImageModeling state dict -> (SwinTransformerV2 with its mask token, the decoder's
+    state dict `0.weight`, `0.bias`)."""
+    enc, dec = split_mim_state(sd, "swinv2.", "swinv2_mim_from_hf")
+    return swinv2_from_hf(enc, cfg), dec
 
 
 def _pretrained_window(cfg, p) -> int:

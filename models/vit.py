@@ -1,10 +1,13 @@
 """Vision Transformer (Dosovitskiy et al. 2021; DeiT sizes), the encoder MAE pretrains.
 
 The backbone contract is in models/__init__.py. Here:
-  forward_features(images, ids_keep=None) -> tokens (B, 1 + L, D), final norm applied
+  forward_features(images, ids_keep=None, mask=None) -> tokens (B, 1 + L, D), final norm applied
   forward_intermediates(images, indices) -> list of (B, D, H/p, W/p) maps after the chosen blocks (default all)
 `ids_keep` (B, K) selects which patch tokens enter the encoder (MAE's sparse encoding); the cls token is
 always kept and comes first.
+stem_stride = patch_size: `mask` (B, H/p, W/p) bool, True = masked (SimMIM), replaces those patch embeddings by
+the mask token (`mask_token=True`; zeros without one) before the position embedding is added and the cls token
+prepended, as transformers' ViTEmbeddings does with `bool_masked_pos`. All L tokens still enter the encoder.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from models.hierarchical import replace_masked
 from models.layers import Block, drop_path_rates, init_mae_weights, sincos_pos_embed_2d
 from models.registry import register_sizes
 
@@ -54,6 +58,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         attn_backend: str = "auto",
+        mask_token: bool = False,
     ):
         super().__init__()
         if pos_embed not in ("learned", "sincos"):
@@ -68,9 +73,11 @@ class VisionTransformer(nn.Module):
         self.pos_embed_type = pos_embed
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.patch_size, self.grid_size = patch_size, self.patch_embed.grid_size
+        self.stem_stride = patch_size  # the grid a SimMIM `mask` is given at
         self.num_patches = self.patch_embed.num_patches
         self.num_prefix_tokens = 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         n_pos = 1 + self.num_patches
         if pos_embed == "sincos":
             sincos = sincos_pos_embed_2d(embed_dim, self.grid_size).unsqueeze(0)
@@ -98,15 +105,17 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)  # as SimMIM (transformers' own init zeroes it)
 
     # --- contract -------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token"} | ({"mask_token"} if self.mask_token is not None else set())
 
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
         """Regexes grouping parameters by depth (for layer-wise LR decay): stem, then one group per block."""
         return {
-            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "stem": r"^cls_token|^pos_embed|^patch_embed|^mask_token",
             "blocks": r"^blocks\.(\d+)",
             "head": r"^norm|^head",
         }
@@ -120,9 +129,20 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def embed(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch tokens + position embedding, optionally subset to `ids_keep`, with the cls token first."""
+    def embed(
+        self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Patch tokens + position embedding, optionally subset to `ids_keep` (MAE) or with the patches where
+        `mask` (B, H/p, W/p) is True replaced by the mask token (SimMIM), with the cls token first."""
+        if ids_keep is not None and mask is not None:
+            raise ValueError(
+                "pass ids_keep (MAE: encode a subset) or mask (SimMIM: replace patches), not both"
+            )
         x = self.patch_embed(images)  # (B, L, D)
+        if mask is not None:  # on the (B, H/p, W/p, D) patch grid, before the position embedding
+            g = self.grid_size
+            x = replace_masked(x.unflatten(1, (g, g)), mask, self.mask_token, "channels_last", "patch")
+            x = x.flatten(1, 2)  # (B, L, D)
         pos = self.pos_embed.to(x.dtype)  # a fixed buffer stays fp32 when an engine casts parameters to bf16
         x = x + pos[:, 1:]
         if ids_keep is not None:
@@ -138,8 +158,10 @@ class VisionTransformer(nn.Module):
                 x = blk(x)
         return x
 
-    def forward_features(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        return self.norm(self.run_blocks(self.embed(images, ids_keep)))  # (B, 1 + K, D)
+    def forward_features(
+        self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.norm(self.run_blocks(self.embed(images, ids_keep, mask)))  # (B, 1 + K, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)  # (B, D)
@@ -179,6 +201,7 @@ class VisionTransformer(nn.Module):
             global_pool=self.global_pool,
             num_classes=self.head.out_features if isinstance(self.head, nn.Linear) else 0,
             norm_eps=self.norm_eps,
+            mask_token=self.mask_token is not None,
         )
 
 

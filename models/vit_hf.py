@@ -9,8 +9,11 @@ blocks.i.attn.qkv (fused)       encoder.layer.i.attention.attention.{query,key,v
 blocks.i.attn.proj              encoder.layer.i.attention.output.dense
 blocks.i.norm2                  encoder.layer.i.layernorm_after
 blocks.i.mlp.fc1 / fc2          encoder.layer.i.intermediate.dense / output.dense
+mask_token (1, 1, D)            embeddings.mask_token (ViTForMaskedImageModeling, ViTModel(use_mask_token=True))
 norm                            layernorm
 head                            classifier (ViTForImageClassification)
+SimMIM decoder 0.{weight,bias}  decoder.0.{weight,bias} (ViTForMaskedImageModeling; encoder under "vit.",
+                                encoder_stride = patch_size, no pooler)
 MAE decoder: decoder_embed, mask_token, pos_embed, blocks.i.*, norm, pred ->
              decoder.decoder_embed, decoder.mask_token, decoder.decoder_pos_embed,
              decoder.decoder_layers.i.* (as above), decoder.decoder_norm, decoder.decoder_pred
@@ -26,6 +29,7 @@ from models.hf import HFAdapter, register_hf
 from models.hf_config import check_gelu, reject, square
 from models.layers import sincos_pos_embed_2d
 from models.mae import MAEDecoder
+from models.simmim import decoder_to_hf, split_mim_state
 from models.vit import VisionTransformer
 from ops.compat import import_transformers
 
@@ -105,9 +109,11 @@ def encoder_kwargs_from_hf(cfg) -> dict:
     )
 
 
-def encoder_from_hf(hf: dict, cfg, prefix: str = "", head: tuple | None = None) -> VisionTransformer:
+def encoder_from_hf(
+    hf: dict, cfg, prefix: str = "", head: tuple | None = None, mask_token: bool = False
+) -> VisionTransformer:
     """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`), with an
-    optional classifier `head` (weight, bias)."""
+    optional classifier `head` (weight, bias) and, with `mask_token`, the folder's embeddings.mask_token."""
     kw = encoder_kwargs_from_hf(cfg)
     hf = {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
     pos = hf["embeddings.position_embeddings"]
@@ -118,6 +124,7 @@ def encoder_from_hf(hf: dict, cfg, prefix: str = "", head: tuple | None = None) 
         **kw,
         pos_embed="sincos" if fixed else "learned",
         num_classes=0 if head is None else head[0].shape[0],
+        mask_token=mask_token,
     )
     sd = {
         "cls_token": hf["embeddings.cls_token"],
@@ -129,6 +136,8 @@ def encoder_from_hf(hf: dict, cfg, prefix: str = "", head: tuple | None = None) 
     }
     if not fixed:
         sd["pos_embed"] = pos
+    if mask_token:
+        sd["mask_token"] = hf["embeddings.mask_token"]
     if head is not None:
         sd["head.weight"], sd["head.bias"] = head
     vit.load_state_dict(sd, strict=True)
@@ -220,6 +229,32 @@ def mae_to_hf(vit: VisionTransformer, decoder: MAEDecoder, mask_ratio: float, no
     model = ViTMAEForPreTraining(cfg)
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+def vit_mim_to_hf(vit: VisionTransformer, decoder: torch.nn.Module, encoder_stride: int):
+    """ViTForMaskedImageModeling holding a SimMIM run's encoder and decoder (models/simmim.py), eval().
+    encoder_stride must be patch_size (transformers refuses a mask otherwise); image_size = the training size; a
+    ViT trained without a mask token (zeros at masked patches) exports a zero one, which is the same."""
+    if encoder_stride != vit.patch_size:
+        raise ValueError(
+            f"ViTForMaskedImageModeling needs encoder_stride {encoder_stride} = patch_size {vit.patch_size}"
+        )
+    tf = import_transformers()
+    cfg = tf.ViTConfig(**_common(vit), encoder_stride=encoder_stride)
+    sd = encoder_to_hf(vit, "vit.")
+    token = vit.mask_token if vit.mask_token is not None else torch.zeros(1, 1, vit.embed_dim)
+    sd["vit.embeddings.mask_token"] = token.detach().float().cpu().clone()
+    sd.update(decoder_to_hf(decoder))
+    model = tf.ViTForMaskedImageModeling(cfg)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def vit_mim_from_hf(hf: dict, cfg) -> tuple[VisionTransformer, dict[str, torch.Tensor]]:
+    """A ViTForMaskedImageModeling state dict -> (VisionTransformer with its mask token, the decoder's state dict
+    `0.weight`, `0.bias`)."""
+    enc, dec = split_mim_state(hf, "vit.", "vit_mim_from_hf")
+    return encoder_from_hf(enc, cfg, prefix="vit.", mask_token=True), dec
 
 
 def decoder_kwargs_from_hf(cfg) -> dict:

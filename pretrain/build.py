@@ -100,8 +100,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def check_config(cfg: Config) -> Config:
     """Config.validate() (its own fields, the data's, the objective's), then what needs the model registry:
-    model.name and model.kwargs, text model vs tokenizer, and a build on the meta device (no memory)."""
+    model.name and model.kwargs, text model vs tokenizer, a build on the meta device (no memory), and that
+    model.init_from is a source pretrain.init_from can read."""
     cfg.validate()
+    if cfg.model.init_from:
+        from pretrain.init_from import check_source
+
+        check_source(cfg)
     try:
         factory = models.MODELS.get(cfg.model.name)
     except KeyError as e:

@@ -3,8 +3,12 @@
     python -m pretrain.export RUN_DIR_OR_CHECKPOINT OUT_DIR
 
 consolidates the checkpoint (any engine, any ZeRO stage) and writes OUT_DIR loadable offline by transformers:
-an MAE run gives `ViTMAEForPreTraining.from_pretrained(OUT_DIR)`, plus OUT_DIR/encoder for `ViTModel`; any other
-run exports its backbone through the family's adapter (models/hf.py): `SwinModel`, `ConvNextModel`, ... or
+an MAE run gives `ViTMAEForPreTraining.from_pretrained(OUT_DIR)`, plus OUT_DIR/encoder for `ViTModel`; a SimMIM run
+on ViT / Swin / Swin V2 gives `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` /
+`Swinv2ForMaskedImageModeling` (image_size = the training size, encoder_stride = the final stride), plus
+OUT_DIR/encoder for the plain `ViTModel` / `SwinModel` / `Swinv2Model` (no mask token); a SimMIM run on another
+family, its encoder alone (no transformers MIM class holds it); any other run exports its backbone through the
+family's adapter (models/hf.py): `SwinModel`, `ConvNextModel`, ... or
 `<Family>ForImageClassification` when the backbone has a classifier head; text runs `LlamaForCausalLM` (decoder)
 or `ModernBertForMaskedLM` (encoder) with the run's tokenizer (`AutoTokenizer`). The key maps live next to the models.
 Every folder also gets the run's image processor (`preprocessor_config.json`), classifiers their class names, and
@@ -33,10 +37,24 @@ from models.hf import (
     load_strict,
     rgb_from_gray,
 )
-from models.vit_hf import decoder_from_hf, decoder_kwargs_from_hf, mae_to_hf, vit_from_hf, vit_to_hf
+from models.swin import SwinTransformer
+from models.swin_hf import swin_mim_from_hf, swin_mim_to_hf
+from models.swin_v2 import SwinTransformerV2
+from models.swin_v2_hf import swinv2_mim_from_hf, swinv2_mim_to_hf
+from models.vit import VisionTransformer
+from models.vit_hf import (
+    decoder_from_hf,
+    decoder_kwargs_from_hf,
+    mae_to_hf,
+    vit_from_hf,
+    vit_mim_from_hf,
+    vit_mim_to_hf,
+    vit_to_hf,
+)
 from pretrain.build import from_dict
 from pretrain.checkpoint import find_latest, read_meta
 from pretrain.data.config import DataConfig
+from pretrain.errors import ConfigError
 from pretrain.hf_files import (
     Preprocess,
     class_names,
@@ -47,6 +65,21 @@ from pretrain.hf_files import (
     write_image_processor,
 )
 from pretrain.objectives.mae import MAE, MAEConfig
+from pretrain.objectives.simmim import SimMIM, SimMIMConfig
+
+# SimMIM: the backbones transformers has a *ForMaskedImageModeling for, (backbone, decoder, encoder_stride) -> it
+MIM_TO_HF = {
+    VisionTransformer: vit_mim_to_hf,
+    SwinTransformer: swin_mim_to_hf,
+    SwinTransformerV2: swinv2_mim_to_hf,
+}
+# ... and back: architecture -> (state dict, config) -> (backbone with its mask token, decoder state dict)
+MIM_FROM_HF = {
+    "ViTForMaskedImageModeling": vit_mim_from_hf,
+    "SwinForMaskedImageModeling": swin_mim_from_hf,
+    "Swinv2ForMaskedImageModeling": swinv2_mim_from_hf,
+}
+SIMMIM_KEY = "tessera_simmim"  # config.json entry: the run's SimMIMConfig (mask_ratio, mask_patch_size)
 
 
 def to_hf(
@@ -74,6 +107,16 @@ def to_hf(
         hf = mae_to_hf(model.backbone, model.decoder, model.cfg.mask_ratio, model.cfg.norm_pix_loss)
         encoder, enc_pre = for_pipelines(backbone)
         folders = {out: (hf, pre), out / "encoder": (vit_to_hf(encoder), enc_pre)}
+    elif isinstance(model, SimMIM):  # likewise; the encoder without its mask token (a plain XModel)
+        encoder, enc_pre = for_pipelines(without_mask_token(backbone))
+        enc_hf = adapter_for_model(encoder).to_hf(encoder)
+        mim = MIM_TO_HF.get(type(backbone))
+        if mim is None:  # no transformers MIM class for this family: the encoder alone
+            hf, folders = enc_hf, {out: (enc_hf, enc_pre)}
+        else:
+            hf = mim(backbone, model.decoder, model.stride)
+            setattr(hf.config, SIMMIM_KEY, dataclasses.asdict(model.cfg))  # from_hf rebuilds the objective
+            folders = {out: (hf, pre), out / "encoder": (enc_hf, enc_pre)}
     else:
         net, net_pre = for_pipelines(backbone)
         hf = adapter_for_model(net).to_hf(net)
@@ -86,6 +129,37 @@ def to_hf(
         if folder_pre is not None:
             write_image_processor(folder, folder_pre)
     return hf
+
+
+def without_mask_token(backbone: nn.Module) -> nn.Module:
+    """The backbone as built without a mask token (its other weights shared by value): what a plain XModel holds.
+    Unchanged when it has none."""
+    h = backbone.hparams()
+    if not h.get("mask_token"):
+        return backbone
+    plain = type(backbone)(**{**h, "mask_token": False})
+    sd = {k: v for k, v in backbone.state_dict().items() if k != "mask_token"}
+    return load_strict(plain, sd, f"{type(backbone).__name__} without its mask token")
+
+
+def _simmim_from_hf(hf_dir: Path, arch: str, sd: dict, config) -> SimMIM:
+    """A *ForMaskedImageModeling folder -> the SimMIM objective (backbone with its mask token, decoder). The
+    mask settings are the run's (config.json's tessera_simmim); a folder from elsewhere gets SimMIMConfig's
+    defaults, or mask cells of one patch where those do not fit its image."""
+    backbone, dec = MIM_FROM_HF[arch](sd, config)
+    saved = getattr(config, SIMMIM_KEY, None)
+    try:
+        model = SimMIM(backbone, SimMIMConfig(**(saved or {})))
+    except ConfigError:
+        if saved is not None:
+            raise
+        model = SimMIM(backbone, SimMIMConfig(mask_patch_size=backbone.stem_stride))
+    if config.encoder_stride != model.stride:
+        raise ValueError(
+            f"{hf_dir}: encoder_stride {config.encoder_stride} is not the encoder's final stride {model.stride}"
+        )
+    model.decoder.load_state_dict(dec, strict=True)
+    return model.eval()
 
 
 def _text_to_hf(backbone: nn.Module, out: Path, data: DataConfig | None) -> nn.Module:
@@ -154,7 +228,8 @@ def _from_tessera_layout(folder: Path) -> nn.Module:
 
 def from_hf(hf_dir: str | Path) -> nn.Module:
     """Build the Tessera model from an HF folder written by `to_hf`, or any folder of a supported architecture
-    (ViTMAE, or one a family adapter imports: ViT, Swin, ConvNeXt, ...)."""
+    (ViTMAE, {ViT,Swin,Swinv2}ForMaskedImageModeling (-> the SimMIM objective), or one a family adapter imports:
+    ViT, Swin, ConvNeXt, ...)."""
     from safetensors.torch import load_file
 
     from ops.compat import import_transformers
@@ -172,6 +247,8 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights")
     sd = {k: v for f in files for k, v in load_file(str(f)).items()}
     arch = (config.architectures or [""])[0]
+    if arch in MIM_FROM_HF:
+        return _simmim_from_hf(hf_dir, arch, sd, config)
     if arch == "ViTMAEForPreTraining":
         if not config.qkv_bias:  # transformers applies it to the decoder too
             raise ValueError(f"{hf_dir}: ViTMAEConfig.qkv_bias=False: Tessera's MAE decoder has qkv biases")

@@ -26,6 +26,7 @@ from pretrain.faults import Faults
 from pretrain.guard import LossGuard
 from pretrain.logger import MetricsLogger
 from pretrain.mfu import Throughput, packed_stats
+from pretrain.monitor import Monitor
 from pretrain.optim import lr_at
 from pretrain.preempt import StopRequest
 from pretrain.samplelog import SampleLog
@@ -58,6 +59,7 @@ class Session:
     samples: SampleLog | None = None
     faults: Faults = field(default_factory=Faults)
     throughput: Throughput | None = None  # FLOPs and tokens per sample, peak FLOP/s: tokens/s, TFLOP/s, MFU
+    monitor: Monitor | None = None  # online kNN / linear-probe monitors (eval.interval > 0)
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -81,6 +83,7 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
     stop = t.max_steps if t.stop_at_step is None else min(t.max_steps, t.stop_at_step)
     per_step = t.micro_batch_size * t.grad_accum_steps * ctx.world_size
     visuals = getattr(engine.module, "visuals", None)
+    train_time = 0.0  # seconds of train steps in this process: eval/time_fraction's denominator
     bar = tqdm(
         total=t.max_steps,
         initial=progress.step,
@@ -217,6 +220,9 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
                 for k, v in result.outputs[0].items()
                 if k != "loss" and isinstance(v, torch.Tensor) and v.ndim == 0
             }
+            train_time += dt
+            if s.monitor is not None and s.monitor.due(step):  # every rank: the forwards are collective
+                parts.update(s.monitor.evaluate(step, train_time))  # "eval/...": in this step's one row
             s.logger.log(step, {**metrics, **parts})
             bar.update(1)
             # packed text rows: each token sees its document, and mfu_doc is what the hardware did for the model

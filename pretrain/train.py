@@ -40,6 +40,7 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
     from pretrain.data import build_train_loader
     from pretrain.engine import build_engine
     from pretrain.mfu import build_throughput
+    from pretrain.monitor import Monitor
 
     log = setup_logging(ctx)
     out = Path(cfg.run.output_dir)
@@ -96,6 +97,7 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
         for note in notes:
             log.info("set by the launcher: %s", note)
         throughput = build_throughput(cfg, ctx, model)
+        monitor = Monitor(cfg, ctx, engine.module) if cfg.eval.interval else None  # loads its images once
         progress, guard_state = Progress(), None
         if latest is not None:
             meta, state = ckpt.load(latest, engine)
@@ -125,7 +127,7 @@ def run(cfg: Config, ctx: DistContext, notes: list[str], stop: StopRequest) -> P
     session = Session(
         cfg, ctx, engine, ckpt, logger, config_yaml, open_loader, guard, guard_file, stop, samples, faults
     )
-    session.throughput = throughput
+    session.throughput, session.monitor = throughput, monitor
     try:
         progress = train_loop(session, progress, loader)
     finally:

@@ -94,5 +94,6 @@ def test_mae_rejects_non_vit_backbone():
     from pretrain.config import ConfigError
     from tests.conftest import TINY
 
-    with pytest.raises(ConfigError, match="convnext_test.*ViT-style.*SimMIM"):  # named at config time
+    # named at config time, with the objectives that can train it
+    with pytest.raises(ConfigError, match="'mae' cannot train model.name 'convnext_test'.*objectives that can:.*simmim"):
         load_config(TINY, ["model.name=convnext_test", "model.kwargs={}"])

@@ -6,7 +6,9 @@ Tessera), exports every export target below here, writes Tessera's own outputs i
 (cross-checked against transformers 4.57 here), and runs tests/tf5_check.py under .venv-tf5 on them.
 
 A new export target is one entry of `export_targets()`: a name, the Tessera model, and a function that exports it
-and returns its manifest cases (`backbone_cases`, `pipeline_cases`, `mae_cases` and `text_cases` are the kinds).
+and returns its manifest cases (`backbone_cases`, `pipeline_cases`, `mae_cases`, `simmim_cases` and `text_cases`
+are the kinds). SimMIM is exported for every family transformers has a *ForMaskedImageModeling of
+(pretrain.export.MIM_TO_HF: ViT, Swin, Swin V2).
 Text families (adapter model_cls.modality == "text": Llama, ModernBERT) are exported as a text run's
 `python -m pretrain.export` exports them, with the run's tokenizer (`to_hf(..., data=text_data())`): their cases
 also check AutoTokenizer against Tessera's tokenizer and transformers' text-generation / fill-mask pipeline
@@ -36,8 +38,9 @@ from models import MODELS, create_model, list_models
 from models.hf import HF_ADAPTERS
 from models.mae import random_masking
 from ops.compat import import_transformers
-from pretrain.export import to_hf
+from pretrain.export import MIM_TO_HF, to_hf
 from pretrain.objectives.mae import MAE, MAEConfig
+from pretrain.objectives.simmim import SimMIM, SimMIMConfig
 from tests.conftest import ROOT, trained_like
 
 # ---- what is exported: one entry per export target -------------------------------------------------------
@@ -72,6 +75,14 @@ def export_targets() -> list[ExportTarget]:
         for name in family_test_models(family)
     ]
     targets.append(ExportTarget("mae/vit_test_patch4/pipeline", "mae", partial(_mae, 1, "sincos"), mae_cases))
+    # SimMIM: the *ForMaskedImageModeling folder and its encoder/ (3 channels), and one run on grayscale data
+    targets += [
+        ExportTarget(f"simmim/{name}", "simmim", partial(_simmim, name, 3), simmim_cases)
+        for name in simmim_test_models()
+    ]
+    targets.append(
+        ExportTarget("simmim/swin_test/pipeline", "simmim", partial(_simmim, "swin_test", 1), simmim_cases)
+    )
     # text: what `python -m pretrain.export` writes for a text run (weights, tokenizer, special ids in the config)
     targets += [
         ExportTarget(f"{family}/{name}/{variant}", family, partial(_text, name, kwargs), text_cases)
@@ -121,6 +132,18 @@ def _text(name: str, kwargs: dict) -> nn.Module:
     info = ensure_tokenizer(text_data())
     torch.manual_seed(0)
     return trained_like(create_model(name, vocab_size=info.vocab_size, **kwargs))
+
+
+def simmim_test_models() -> list[str]:
+    """The `*_test*` models of the families with a transformers MIM class."""
+    return [n for f in image_families() for n in family_test_models(f) if MODELS.get(n).builds in MIM_TO_HF]
+
+
+def _simmim(name: str, chans: int) -> nn.Module:
+    """SimMIM on the registered size, 8 px mask cells (a multiple of every stem stride here), weights perturbed."""
+    torch.manual_seed(0)
+    backbone = create_model(name, in_chans=chans, mask_token=True)
+    return trained_like(SimMIM(backbone, SimMIMConfig(mask_ratio=0.6, mask_patch_size=8), seed=0))
 
 
 def _mae(chans: int, pos: str) -> nn.Module:
@@ -581,6 +604,67 @@ def mae_cases(mae: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
     return cases
 
 
+def simmim_cases(obj: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
+    """SimMIM export: XForMaskedImageModeling (and AutoModelForMaskedImageModeling) with bool_masked_pos = the stem
+    mask flattened gives Tessera's reconstruction and loss; its base model, built with use_mask_token=True, the
+    masked features; OUT/encoder (the plain XModel, no mask token) the features and pooled output unmasked. The
+    pipeline variant (grayscale data) also runs image-feature-extraction on encoder/, which takes RGB."""
+    pipeline = folder.name == "pipeline"
+    size, backbone = obj.image_size, obj.backbone
+    if pipeline:
+        from pretrain.data.config import DataConfig
+
+        to_hf(obj, folder, data=DataConfig(dataset=GRAY_DATA, image_size=size))
+    else:
+        to_hf(obj, folder)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, obj.in_chans, size, size, generator=g)
+    mask = obj.draw_mask({"index": torch.tensor([3, 11]), "epoch": torch.tensor([0, 1])})  # (2, h, w)
+    with torch.no_grad():
+        out = obj({"image": x}, mask=mask)
+        feats = backbone.forward_features(x)
+        ours = {
+            "reconstruction": out["pred"],
+            "loss": out["loss"],
+            "masked_features": backbone.forward_features(x, mask=mask),
+            "features": feats,
+            "pooled": backbone.forward_head(feats, pre_logits=True),
+        }
+
+    def fields(hf: nn.Module) -> dict[str, str]:
+        if "MaskedImageModeling" in type(hf).__name__:
+            return {"reconstruction": "reconstruction", "loss": "loss"}
+        if getattr(hf.embeddings, "mask_token", None) is not None:  # the base model of the MIM folder
+            return {"last_hidden_state": "masked_features"}
+        return {"last_hidden_state": "features", "pooler_output": "pooled"}  # encoder/
+
+    loads = standard_loads(folder, ("AutoModelForMaskedImageModeling",))
+    for load in loads:
+        if load["cls"] == "AutoModel":  # the base model keeps the mask token (its default drops it)
+            load["kwargs"] = {**load.get("kwargs", {}), "use_mask_token": True}
+    assert [ld["cls"] for ld in loads][1:] == ["AutoModelForMaskedImageModeling", "AutoModel"], loads
+    inputs = {"pixel_values": x, "bool_masked_pos": mask.flatten(1)}
+    # the encoder folder of a pipeline export takes RGB: the gray input as R = G = B
+    enc_x = x.expand(-1, 3, -1, -1).contiguous() if pipeline else x
+    cases = [
+        writer.case(writer.name(folder), folder, inputs, loads, ours, fields),
+        writer.case(
+            writer.name(folder / "encoder"),
+            folder / "encoder",
+            {"pixel_values": enc_x},
+            standard_loads(folder / "encoder"),
+            ours,
+            fields,
+        ),
+    ]
+    if pipeline:  # feature extraction on a gray PNG: Tessera's encoder features of its eval transform
+        png = writer.gray_png(size, "simmim_pipeline")
+        with torch.no_grad():
+            want = backbone.forward_features(tessera_pixels(png, size))
+        writer.pipeline(cases[1], "image-feature-extraction", png, want, None)
+    return cases
+
+
 def write_manifest(root: Path, targets: list[ExportTarget]) -> tuple[Path, list[str]]:
     """Export every target under root, write the manifest; -> (its path, the 4.57 cross-check problems)."""
     writer, cases = CaseWriter(root), []
@@ -660,8 +744,12 @@ def test_every_export_target_is_enumerated():
                 assert {t.cases for t in targets if t.family == family} == {text_cases}, family
             else:
                 assert {f"{family}/{model}/classes={n}" for n in (0, 7)} <= names, family
-    assert {t.family for t in targets} == {*HF_ADAPTERS.names(), "mae"}
-    assert {t.family for t in targets if t.name.endswith("/pipeline")} == {*image_families(), "mae"}
+    assert {t.family for t in targets} == {*HF_ADAPTERS.names(), "mae", "simmim"}
+    assert {t.family for t in targets if t.name.endswith("/pipeline")} == {*image_families(), "mae", "simmim"}
+    # SimMIM: every family with a transformers MIM class (ViT, Swin, Swin V2)
+    mim = {MODELS.get(t.name.split("/")[1]).builds for t in targets if t.family == "simmim"}
+    assert mim == set(MIM_TO_HF)
+    assert {"vit_test_patch4", "swin_test", "swinv2_test"} <= set(simmim_test_models())
     assert {"llama/llama_test/untied", "llama/llama_test/tied", "modernbert/modernbert_test/mlm"} <= {
         t.name for t in targets
     }

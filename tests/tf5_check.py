@@ -12,7 +12,8 @@ The manifest (written by tests/test_transformers5.py in Tessera's venv):
     {"atol": 1e-5,
      "cases": [{"name": "swin/swin_test/classes=7/2x3x64x64",
                 "folder": "/abs/export",                   # what to_hf wrote: config.json, *.safetensors, ...
-                "inputs": "/abs/inputs.safetensors",       # forward kwargs: pixel_values (+ noise for ViTMAE),
+                "inputs": "/abs/inputs.safetensors",       # forward kwargs: pixel_values (+ noise for ViTMAE,
+                                                           # + bool_masked_pos for a SimMIM export),
                                                            # or input_ids (int64) for a text model
                 "expected": "/abs/expected.safetensors",   # Tessera's outputs, in the HF models' layouts
                 "loads": [{"cls": "SwinForImageClassification",  # a transformers class or Auto class
@@ -60,6 +61,10 @@ in Tessera's venv and cross-checks each against transformers 4.57 there):
                        exported Identity classifier gives)
   MAE (ViTMAEForPreTraining, noise given): logits = Tessera's `pred`, loss, mask, ids_restore; ViTMAEModel's
                        last_hidden_state = the encoder on the kept tokens (Tessera's `latent`)
+  SimMIM ({ViT,Swin,Swinv2}ForMaskedImageModeling, bool_masked_pos = Tessera's stem mask flattened, (B, L) bool):
+                       reconstruction = Tessera's `pred`, loss = its loss; the base model loaded from that folder
+                       with use_mask_token=True: last_hidden_state = ours.forward_features(x, mask); the folder's
+                       encoder/ (the plain XModel, no mask token) as any backbone, unmasked
   pipeline           = Tessera's result on the PNG (its eval transform, then the model): class probabilities in
                        `labels` order (image-classification), or the encoder's features (image-feature-extraction);
                        fill-mask: the softmax of ours(ids)[mask position] at its top_k ids (ids: Tessera's
