@@ -95,5 +95,7 @@ def test_mae_rejects_non_vit_backbone():
     from tests.conftest import TINY
 
     # named at config time, with the objectives that can train it
-    with pytest.raises(ConfigError, match="'mae' cannot train model.name 'convnext_test'.*objectives that can:.*simmim"):
+    with pytest.raises(
+        ConfigError, match="'mae' cannot train model.name 'convnext_test'.*objectives that can:.*simmim"
+    ):
         load_config(TINY, ["model.name=convnext_test", "model.kwargs={}"])

@@ -390,3 +390,18 @@ def test_tiny_run_resumes_bit_identically_and_exports(tmp_path, digits_shards):
             atol=1e-6,
         )
     assert Path(out / "README.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["convnext_test", "maxvit_test"])
+def test_two_rank_ddp_run_of_a_family_whose_head_norm_sits_outside_the_encoder(tmp_path, name):
+    """DDP refuses parameters that take no part in the loss: SimMIM freezes the pooled head's norm (and MaxViT's
+    pre-logits) that its encoder never reads, so a 2-rank run of those families trains."""
+    from tests.conftest import torchrun
+
+    out = tmp_path / name
+    args = ["configs/simmim_swin_tiny.yaml", "--set", f"model.name={name}", "--set", f"run.output_dir={out}"]
+    for s in ("train.max_steps=3", "run.progress=false", "run.image_interval=0"):
+        args += ["--set", s]
+    torchrun(2, args)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)

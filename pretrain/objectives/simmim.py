@@ -89,15 +89,22 @@ class SimMIM(nn.Module):
         size, n = self.image_size, self.image_size // self.stem_stride
         with torch.device("meta"):
             twin = type(self.backbone)(**self.backbone.hparams())
-            images = torch.empty(1, self.in_chans, size, size)
-            mask = torch.zeros(1, n, n, dtype=torch.bool)
+            images = torch.empty(2, self.in_chans, size, size)  # 2: BatchNorm (MaxViT) trains on > 1 value
+            mask = torch.zeros(2, n, n, dtype=torch.bool)
             try:
-                final_feature_map(twin, twin.forward_features(images, mask=mask), (size, size))
+                fmap = final_feature_map(twin, twin.forward_features(images, mask=mask), (size, size))
             except ValueError as e:
                 raise ConfigError(
                     f"objective.mask_patch_size: a {size}x{size} image gives {type(self.backbone).__name__} no "
                     f"{n}x{n} stem grid (stem stride {self.stem_stride}) or final map at stride {self.stride}: {e}"
                 ) from e
+            # what the encoder never reads here (ConvNeXt's, PoolFormer's, MaxViT's pooled-head norm and the
+            # head) is frozen: DDP refuses parameters that take no part in the loss
+            fmap.float().sum().backward()
+        unused = {name for name, p in twin.named_parameters() if p.grad is None}
+        for name, p in self.backbone.named_parameters():
+            if name in unused:
+                p.requires_grad_(False)
 
     def draw_mask(self, batch: dict) -> torch.Tensor:
         """(B, H/stem, W/stem) bool, True = masked: each sample's cells from (seed, epoch, index), upsampled."""
