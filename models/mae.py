@@ -60,6 +60,31 @@ def mae_loss(
     return (per_patch * mask).sum() / mask.sum()
 
 
+def reconstruction_grid(images: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """One row per image, original | masked input | reconstruction, each scaled to [0, 1] by the original's range:
+    (n, C, H, W) x 3 -> (3, n*H, 3*W) (a grayscale grid repeated to RGB), for TensorBoard."""
+    lo = images.amin(dim=(1, 2, 3), keepdim=True)
+    hi = images.amax(dim=(1, 2, 3), keepdim=True)
+    panels = [((x - lo) / (hi - lo + 1e-6)).clamp(0, 1) for x in (images, masked, recon)]
+    rows = torch.cat(panels, dim=3)  # (n, C, H, 3W)
+    grid = torch.cat(list(rows), dim=1)  # (C, nH, 3W)
+    return grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid
+
+
+def patch_reconstruction_grid(
+    images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool
+) -> torch.Tensor:
+    """`reconstruction_grid` from per-patch predictions (n, L, p*p*C) of masked patches (mask (n, L), 1 = masked),
+    visible patches pasted; normalized-pixel predictions are mapped back with each patch's own statistics."""
+    c = images.shape[1]
+    target = patchify(images, p)  # (n, L, p*p*C)
+    if norm_pix:
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    m = mask.unsqueeze(-1)
+    masked = unpatchify(target * (1 - m), p, c)
+    return reconstruction_grid(images, masked, unpatchify(target * (1 - m) + pred * m, p, c))
+
+
 class MAEDecoder(nn.Module):
     """Narrow transformer that fills masked positions with a shared token and predicts their pixels."""
 

@@ -117,6 +117,10 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(str(e)) from e
     if is_text_model(cfg.model.name):
         _check_text(cfg)
+    if cfg.eval.interval:
+        from pretrain.monitor import check_eval_config
+
+        check_eval_config(cfg)  # an image backbone, a labelled image dataset, something to score
     kwargs = model_kwargs(cfg)
     with torch.device("meta"):
         try:

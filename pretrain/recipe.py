@@ -3,7 +3,8 @@
     python -m pretrain.recipe CONFIG [--finetune configs/finetune_fmnist.yaml] [--ranks 2] [--export OUT]
                                      [--set key=value ...]
 
-1. pretrains CONFIG (`accelerate launch` on `--ranks` CPU processes, as scripts/demo.sh; 1 = a plain process);
+1. pretrains CONFIG (`accelerate launch` on `--ranks` CPU processes, as scripts/demo.sh; 1 = a plain process; a
+   run directory that already holds the finished run resumes at its end, so the rest reuses it);
 2. optionally exports it (`--export OUT`, python -m pretrain.export);
 3. probes the frozen encoder (python -m pretrain.probe): linear probe and kNN of the pretrained encoder, of a
    random-init encoder of the same shape, and of raw pixels;
@@ -68,12 +69,14 @@ def classifier_accuracy(run: str | Path, split: str = "test", batch: int = 500) 
 
 
 def finetune_overrides(pre_cfg, out: Path, init_from: Path | None) -> list[str]:
-    """The fine-tune run: the pretrained architecture (model.name, model.kwargs) and data size, the fine-tune
-    config's everything else; init_from the pretraining run, or nothing (from scratch)."""
+    """The fine-tune run: the pretrained architecture (model.name, model.kwargs) and its data (dataset, image size,
+    flips), the fine-tune config's everything else; init_from the pretraining run, or nothing (from scratch)."""
     sets = [
         f"model.name={pre_cfg.model.name}",
         "model.kwargs=" + json.dumps(pre_cfg.model.kwargs),
+        f"data.dataset={pre_cfg.data.dataset}",
         f"data.image_size={pre_cfg.data.image_size}",
+        f"data.hflip={str(pre_cfg.data.hflip).lower()}",
         f"run.output_dir={out}",
     ]
     return sets + ([f"model.init_from={init_from}"] if init_from is not None else [])
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, init in (("from_pretrained", run), ("from_scratch", None)):
         out = run / f"finetune_{name}"
         t1 = time.time()
-        _run(train_cmd(args.finetune, args.ranks, finetune_overrides(pre_cfg, out, init)))
+        _run(train_cmd(args.finetune, args.finetune_ranks, finetune_overrides(pre_cfg, out, init)))
         acc, count = classifier_accuracy(out)
         finetuned[name] = {"test_accuracy": acc, "test_images": count, "seconds": round(time.time() - t1, 1)}
     results["finetune"] = finetuned
@@ -145,8 +148,8 @@ def summary(r: dict) -> str:
         probe, knn = pr.get(key), pr.get(f"{key}_knn")
         rows.append(f"[recipe]   {label:<24} {_fmt(probe):>10}   {_fmt(knn):>6}")
     rows.append(
-        f"[recipe] fine-tune (classify, {b['max_steps']} steps x {b['micro_batch_size']} x {b['grad_accum_steps']}"
-        " per rank), test accuracy:"
+        f"[recipe] fine-tune (classify, {b['max_steps']} steps of {b['micro_batch_size']} x {b['grad_accum_steps']}"
+        f" x {b['ranks']} rank(s)), test accuracy:"
     )
     for key, label in (("from_pretrained", "from the pretrained run"), ("from_scratch", "from scratch")):
         f = ft[key]

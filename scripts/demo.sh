@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo, in one command: set up, pretrain MAE on real Fashion-MNIST images with 2 ranks through
-# `accelerate launch` on CPU, export to Hugging Face format, then linear-probe the pretrained encoder and a
-# random-init encoder of the same shape.   Extra arguments go to the trainer, e.g.
+# `accelerate launch` on CPU, export to Hugging Face format, probe the pretrained encoder against a random-init
+# encoder of the same shape and raw pixels, then fine-tune it vs from scratch.   Extra arguments go to the
+# pretraining run, e.g.
 #   bash scripts/demo.sh --set train.max_steps=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +16,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 rm -rf "$RUN" "$OUT"   # a fresh demo each time (a relaunch of the same command would resume instead)
 
-accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  -m pretrain.train "$CONFIG" "${EXTRA[@]}" "$@" --set run.output_dir="$RUN"   # last --set wins: export reads $RUN
-python -m pretrain.export "$RUN" "$OUT"
-python -m pretrain.probe "$OUT" --json "$RUN/probe.json"
+# pretrain (accelerate launch, 2 ranks), export to HF, probe (linear + kNN: pretrained vs random init vs raw pixels),
+# then fine-tune with labels from the pretrained weights and from scratch at the same budget (pretrain/recipe.py)
+python -m pretrain.recipe "$CONFIG" --export "$OUT" "${EXTRA[@]}" "$@" --set run.output_dir="$RUN"   # last --set wins
 echo "[demo] metrics: $RUN/metrics.jsonl  reconstructions: $RUN/images/  HF model: $OUT  (tensorboard --logdir $RUN/tensorboard)"

@@ -27,7 +27,8 @@ SNIPPETS = [
 def workdir(tmp_path_factory, digits_shards):
     """out/demo_hf (an MAE export, as scripts/demo.sh makes), out/classify_hf and out/swin_hf (classification
     exports, as README and docs/backbones.md make), out/clm_tiny_hf and out/mlm_tiny_hf (text exports, as
-    docs/text.md makes), from a few steps of the tiny configs."""
+    docs/text.md makes), out/simmim_swin_hf (a SimMIM export, as docs/mim.md makes), from a few steps of the tiny
+    configs."""
     root = tmp_path_factory.mktemp("docs")
     classify = str(ROOT / "configs" / "classify_tiny.yaml")
     runs = {"demo_hf": tiny_args(root / "runs" / "demo_hf", digits_shards, "train.max_steps=2")}
@@ -44,6 +45,14 @@ def workdir(tmp_path_factory, digits_shards):
     for out, config in (("clm_tiny_hf", "clm_tiny.yaml"), ("mlm_tiny_hf", "mlm_tiny.yaml")):  # docs/text.md
         runs[out] = [str(ROOT / "configs" / config), "--set", f"run.output_dir={root / 'runs' / out}"]
         runs[out] += ["--set", "run.progress=false", "--set", "train.max_steps=2"]
+    runs["simmim_swin_hf"] = [str(ROOT / "configs" / "simmim_swin_tiny.yaml"), "--set", "train.max_steps=2"]
+    runs["simmim_swin_hf"] += [
+        "--set",
+        f"run.output_dir={root / 'runs' / 'simmim_swin_hf'}",
+        "--set",
+        "run.progress=false",
+    ]
+    runs["simmim_swin_hf"] += ["--set", f"data.local={digits_shards}"]  # docs/mim.md
     for out, args in runs.items():
         assert main(args) == 0
         assert export.main([str(root / "runs" / out), str(root / "out" / out)]) == 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.mae import MAEDecoder, mae_loss, patchify, random_masking, unpatchify
+from models.mae import MAEDecoder, mae_loss, patch_reconstruction_grid, patchify, random_masking
 from pretrain.errors import ConfigError
 from pretrain.objectives import register_objective
 
@@ -79,18 +79,7 @@ class MAE(nn.Module):
     @torch.no_grad()
     def visuals(self, batch: dict, out: dict, n: int = 8) -> dict[str, torch.Tensor]:
         """A grid, one row per image: original | masked input | reconstruction (visible patches pasted)."""
-        p, c = self.backbone.patch_size, self.backbone.in_chans
         images = batch["image"][:n].float()
         pred, mask = out["pred"][:n].float(), out["mask"][:n].float()
-        target = patchify(images, p)  # (n, L, p*p*C)
-        if self.cfg.norm_pix_loss:  # back to pixel space with each patch's own statistics
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-        m = mask.unsqueeze(-1)
-        masked = unpatchify(target * (1 - m), p, c)
-        recon = unpatchify(target * (1 - m) + pred * m, p, c)
-        lo = images.amin(dim=(1, 2, 3), keepdim=True)
-        hi = images.amax(dim=(1, 2, 3), keepdim=True)
-        panels = [((x - lo) / (hi - lo + 1e-6)).clamp(0, 1) for x in (images, masked, recon)]
-        rows = torch.cat(panels, dim=3)  # (n, C, H, 3W)
-        grid = torch.cat(list(rows), dim=1)  # (C, nH, 3W)
-        return {"mae/reconstruction": grid.expand(3, -1, -1) if c == 1 else grid}
+        grid = patch_reconstruction_grid(images, pred, mask, self.backbone.patch_size, self.cfg.norm_pix_loss)
+        return {"mae/reconstruction": grid}

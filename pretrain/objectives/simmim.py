@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from models.mae import reconstruction_grid
 from models.masking import check_ratio, mask_cells, random_cell_masks, upsample_mask
 from models.simmim import SimMIMDecoder, final_feature_map, final_stride, simmim_loss
 from pretrain.errors import ConfigError
@@ -140,10 +141,4 @@ class SimMIM(nn.Module):
         pred, mask = out["pred"][:n].float(), out["mask"][:n]
         m = upsample_mask(mask, images.shape[-1] // mask.shape[-1]).unsqueeze(1).float()  # (n, 1, H, W)
         masked = images * (1 - m)
-        recon = masked + pred * m
-        lo = images.amin(dim=(1, 2, 3), keepdim=True)
-        hi = images.amax(dim=(1, 2, 3), keepdim=True)
-        panels = [((x - lo) / (hi - lo + 1e-6)).clamp(0, 1) for x in (images, masked, recon)]
-        rows = torch.cat(panels, dim=3)  # (n, C, H, 3W)
-        grid = torch.cat(list(rows), dim=1)  # (C, nH, 3W)
-        return {"simmim/reconstruction": grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid}
+        return {"simmim/reconstruction": reconstruction_grid(images, masked, masked + pred * m)}

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from models.convnext import ConvNeXt
-from models.mae import patchify, unpatchify
+from models.mae import patch_reconstruction_grid, patchify
 from models.masking import check_ratio, mask_cells, random_cell_masks
 from models.sparse import (
     GRN_STATS,
@@ -134,21 +134,10 @@ class _SparseMIM(nn.Module):
     @torch.no_grad()
     def visuals(self, batch: dict, out: dict, n: int = 8) -> dict[str, torch.Tensor]:
         """A grid, one row per image: original | masked input | reconstruction (visible patches pasted)."""
-        p, c = self.patch, self.backbone.in_chans
         images = batch["image"][:n].float()
         pred, mask = out["pred"][:n].float(), out["mask"][:n].float()
-        target = patchify(images, p)  # (n, L, p*p*C)
-        if self.cfg.norm_pix_loss:  # back to pixel space with each patch's own statistics
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
-        m = mask.unsqueeze(-1)
-        masked = unpatchify(target * (1 - m), p, c)
-        recon = unpatchify(target * (1 - m) + pred * m, p, c)
-        lo = images.amin(dim=(1, 2, 3), keepdim=True)
-        hi = images.amax(dim=(1, 2, 3), keepdim=True)
-        panels = [((x - lo) / (hi - lo + 1e-6)).clamp(0, 1) for x in (images, masked, recon)]
-        rows = torch.cat(panels, dim=3)  # (n, C, H, 3W)
-        grid = torch.cat(list(rows), dim=1)  # (C, nH, 3W)
-        return {f"{self.name}/reconstruction": grid.expand(3, -1, -1) if c == 1 else grid}
+        grid = patch_reconstruction_grid(images, pred, mask, self.patch, self.cfg.norm_pix_loss)
+        return {f"{self.name}/reconstruction": grid}
 
 
 @register_objective("spark")
