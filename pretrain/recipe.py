@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ranks", type=int, default=2, help="CPU processes per run (accelerate launch); 1 = plain"
     )
+    p.add_argument(
+        "--finetune-ranks", type=int, default=1, help="processes of each fine-tune (1: faster on a small CPU)"
+    )
     p.add_argument("--export", default=None, metavar="OUT", help="also export the pretrained run to OUT")
     p.add_argument("--probe-samples", type=int, default=10000, help="train and test images of the probe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pretraining override")
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     results["finetune_budget"] = {
         k: ft["train"][k] for k in ("max_steps", "micro_batch_size", "grad_accum_steps")
     }
+    results["finetune_budget"]["ranks"] = args.finetune_ranks
     (run / "recipe.json").write_text(json.dumps(results, indent=1))
     print(summary(results))
     return 0
