@@ -100,7 +100,10 @@ def test_linear_probe_is_deterministic_and_learns():
     ],
 )
 def test_monitor_refuses(config, change, key):
-    cfg = load_config(config, ["eval.interval=5", *change])
+    with pytest.raises(ConfigError, match=key):  # at load_config, before any work
+        load_config(config, ["eval.interval=5", *change])
+    cfg = load_config(config, change)  # and the Monitor itself, for a config changed after loading
+    cfg.eval.interval = 5
     with pytest.raises(ConfigError, match=key):
         Monitor(cfg, DistContext(), torch.nn.Identity())
 
