@@ -351,15 +351,15 @@ def test_32k_rows_train(tmp_path, wordnet, monkeypatch):
         (CLM, "data.seq_len=16384", "data.seq_len:", "beyond the 8192 positions"),
         (CLM, "model.kwargs.max_seq_len=64", "data.seq_len:", "beyond the 64 positions"),
         (MLM, "data.seq_len=9000", "data.seq_len:", "beyond the 8192 positions"),
-        (CLM, "model.name=modernbert_test", "model.name", "clm needs a causal text model"),
-        (MLM, "model.name=llama_test", "model.name", "mlm needs a bidirectional text model"),
+        (CLM, "model.name=modernbert_test", "model.name", "(family ModernBert); objectives that can: mlm"),
+        (MLM, "model.name=llama_test", "model.name", "(family LlamaDecoder); objectives that can: clm"),
         (CLM, "data.dataset=digits", "data.dataset", "holds no text"),
         (MLM, "data.dataset=fashion_mnist", "data.dataset", "holds no text"),
         (
             CLM,
             "model.name=modernbert_test --set model.kwargs.max_seq_len=256",
             "objective.name: 'clm' cannot train model.name 'modernbert_test'",
-            "clm needs a causal text model",
+            "objectives that can: mlm",
         ),
     ],
     ids=[
