@@ -26,6 +26,7 @@ import torch.nn as nn
 
 # each family registers its sizes, and its HF twin's adapter (models/hf.py)
 from models import (  # noqa: F401
+    clip_text,
     convnext,
     convnext_hf,
     llama,
@@ -41,6 +42,7 @@ from models import (  # noqa: F401
     swin_hf,
     swin_v2,
     swin_v2_hf,
+    two_tower,  # image-text: any image backbone + any text model (builds its towers through create_model)
     vit,
     vit_hf,
 )

@@ -1,35 +1,94 @@
 """Vision Transformer (Dosovitskiy et al. 2021; DeiT sizes), the encoder MAE pretrains.
 
 The backbone contract is in models/__init__.py. Here:
-  forward_features(images, ids_keep=None, mask=None) -> tokens (B, 1 + L, D), final norm applied
+  forward_features(images, ids_keep=None, mask=None) -> tokens (B, P + L, D), final norm applied, P =
+      num_prefix_tokens (1: the cls token; 0 with class_token=False)
   forward_intermediates(images, indices) -> list of (B, D, H/p, W/p) maps after the chosen blocks (default all)
-`ids_keep` (B, K) selects which patch tokens enter the encoder (MAE's sparse encoding); the cls token is
-always kept and comes first.
+`ids_keep` (B, K) selects which patch tokens enter the encoder (MAE's sparse encoding, FLIP's patch dropout);
+the cls token (if any) is always kept and comes first.
 stem_stride = patch_size: `mask` (B, H/p, W/p) bool, True = masked (SimMIM), replaces those patch embeddings by
 the mask token (`mask_token=True`; zeros without one) before the position embedding is added and the cls token
 prepended, as transformers' ViTEmbeddings does with `bool_masked_pos`. All L tokens still enter the encoder.
+
+Options for the image towers of CLIP / SigLIP (defaults give the plain ViT above, bit for bit):
+  pre_norm     a LayerNorm (`norm_pre`) on the embedded tokens before the blocks (CLIP's `pre_layrnorm`)
+  class_token  False: no cls token (SigLIP); the position table is (1, L, D) and num_prefix_tokens 0
+  global_pool  "token" (cls token), "avg" (mean of the patch tokens) or "map": attention pooling of all final
+               tokens by a learned probe (`attn_pool`, SigLIP's multihead attention pooling head)
+  patch_bias   False: the patch projection has no bias (CLIP)
+  act          the MLP activation: "gelu" (erf), "gelu_tanh", "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.hierarchical import replace_masked
-from models.layers import Block, drop_path_rates, init_mae_weights, sincos_pos_embed_2d
+from models.layers import Block, Mlp, drop_path_rates, init_mae_weights, sincos_pos_embed_2d
 from models.registry import register_sizes
+
+POOLS = ("token", "avg", "map")
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): OpenAI CLIP's GELU approximation (transformers' "quick_gelu")."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# name -> function; transformers' hidden_act names: "gelu", "gelu_pytorch_tanh", "quick_gelu"
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "quick_gelu": quick_gelu}
+
+
+def check_act(act: str) -> str:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    return act
+
+
+class ActMlp(Mlp):
+    """fc1 -> act -> fc2 with a chosen activation (models.layers.Mlp's parameters, which fixes the erf GELU)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
+        super().__init__(dim, hidden)
+        self.act = ACTIVATIONS[check_act(act)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (Lee et al. 2019's PMA; SigLIP's MAP head, transformers'
+    SiglipMultiheadAttentionPoolingHead, same parameter names): a learned probe attends over the tokens, then a
+    residual MLP on its LayerNorm. (B, N, D) -> (B, D)."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, norm_eps: float, act: str = "gelu"):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = ActMlp(dim, hidden, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, D)
+        probe = self.probe.to(x.dtype).expand(x.shape[0], -1, -1)  # (B, 1, D)
+        h = self.attention(probe, x, x, need_weights=False)[0]  # (B, 1, D)
+        h = h + self.mlp(self.layernorm(h))
+        return h[:, 0]
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, bias: bool = True):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.img_size, self.patch_size = img_size, patch_size
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, L, D)
         if x.shape[-2:] != (self.img_size, self.img_size):
@@ -53,35 +112,44 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         pos_embed: str = "learned",  # learned | sincos (fixed, as in MAE)
-        global_pool: str = "token",  # token | avg
+        global_pool: str = "token",  # token | avg | map
         num_classes: int = 0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         attn_backend: str = "auto",
         mask_token: bool = False,
+        pre_norm: bool = False,
+        class_token: bool = True,
+        patch_bias: bool = True,
+        act: str = "gelu",
     ):
         super().__init__()
         if pos_embed not in ("learned", "sincos"):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool not in POOLS:
+            raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError(
+                "global_pool='token' pools the cls token: with class_token=False use 'avg' or 'map'"
+            )
+        check_act(act)
         self.embed_dim = self.num_features = embed_dim
         self.in_chans, self.mlp_ratio, self.norm_eps = in_chans, mlp_ratio, norm_eps
         self.num_heads, self.qkv_bias, self.global_pool = num_heads, qkv_bias, global_pool
-        self.pos_embed_type = pos_embed
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.pos_embed_type, self.patch_bias, self.act = pos_embed, patch_bias, act
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=patch_bias)
         self.patch_size, self.grid_size = patch_size, self.patch_embed.grid_size
         self.stem_stride = patch_size  # the grid a SimMIM `mask` is given at
         self.num_patches = self.patch_embed.num_patches
-        self.num_prefix_tokens = 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
-        n_pos = 1 + self.num_patches
+        n_pos = self.num_prefix_tokens + self.num_patches
         if pos_embed == "sincos":
-            sincos = sincos_pos_embed_2d(embed_dim, self.grid_size).unsqueeze(0)
-            self.register_buffer("pos_embed", sincos, persistent=False)  # (1, 1 + L, D), fixed
+            sincos = sincos_pos_embed_2d(embed_dim, self.grid_size, cls_token=class_token).unsqueeze(0)
+            self.register_buffer("pos_embed", sincos, persistent=False)  # (1, P + L, D), fixed
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim))
         dpr = drop_path_rates(drop_path_rate, depth)  # stochastic depth grows with depth
@@ -89,7 +157,17 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_eps, attn_backend)
             for i in range(depth)
         )
+        if act != "gelu":  # models.layers.Block's MLP is the erf GELU; same parameters, another activation
+            for blk in self.blocks:
+                blk.mlp = ActMlp(embed_dim, blk.mlp.fc1.out_features, act)
+        # applied to every token after the position embedding (a LayerNorm cannot be set to the identity)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.attn_pool = (
+            AttentionPool(embed_dim, num_heads, round(embed_dim * mlp_ratio), norm_eps, act)
+            if global_pool == "map"
+            else None
+        )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
         self.feature_info = [
@@ -101,23 +179,28 @@ class VisionTransformer(nn.Module):
         self.apply(init_mae_weights)
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over the flattened patch
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.mask_token is not None:
             nn.init.trunc_normal_(self.mask_token, std=0.02)  # as SimMIM (transformers' own init zeroes it)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.probe, std=0.02)
 
     # --- contract -------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"} | ({"mask_token"} if self.mask_token is not None else set())
+        names = {"pos_embed"} | {n for n in ("cls_token", "mask_token") if getattr(self, n) is not None}
+        return names | ({"attn_pool.probe"} if self.attn_pool is not None else set())
 
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
         """Regexes grouping parameters by depth (for layer-wise LR decay): stem, then one group per block."""
         return {
-            "stem": r"^cls_token|^pos_embed|^patch_embed|^mask_token",
+            "stem": r"^cls_token|^pos_embed|^patch_embed|^mask_token|^norm_pre",
             "blocks": r"^blocks\.(\d+)",
-            "head": r"^norm|^head",
+            "head": r"^norm\.|^head|^attn_pool",
         }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -133,7 +216,8 @@ class VisionTransformer(nn.Module):
         self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Patch tokens + position embedding, optionally subset to `ids_keep` (MAE) or with the patches where
-        `mask` (B, H/p, W/p) is True replaced by the mask token (SimMIM), with the cls token first."""
+        `mask` (B, H/p, W/p) is True replaced by the mask token (SimMIM), with the cls token (if any) first, then
+        the pre-norm (if any): (B, P + K, D), P = num_prefix_tokens."""
         if ids_keep is not None and mask is not None:
             raise ValueError(
                 "pass ids_keep (MAE: encode a subset) or mask (SimMIM: replace patches), not both"
@@ -144,11 +228,13 @@ class VisionTransformer(nn.Module):
             x = replace_masked(x.unflatten(1, (g, g)), mask, self.mask_token, "channels_last", "patch")
             x = x.flatten(1, 2)  # (B, L, D)
         pos = self.pos_embed.to(x.dtype)  # a fixed buffer stays fp32 when an engine casts parameters to bf16
-        x = x + pos[:, 1:]
+        x = x + pos[:, self.num_prefix_tokens :]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
-        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-        return torch.cat([cls, x], dim=1)
+        if self.cls_token is not None:
+            cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
+            x = torch.cat([cls, x], dim=1)
+        return self.norm_pre(x)  # (B, P + K, D)
 
     def run_blocks(self, x: torch.Tensor, blocks=None) -> torch.Tensor:
         for blk in self.blocks if blocks is None else blocks:
@@ -161,10 +247,15 @@ class VisionTransformer(nn.Module):
     def forward_features(
         self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.norm(self.run_blocks(self.embed(images, ids_keep, mask)))  # (B, 1 + K, D)
+        return self.norm(self.run_blocks(self.embed(images, ids_keep, mask)))  # (B, P + K, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)  # (B, D)
+        if self.global_pool == "token":
+            x = x[:, 0]  # (B, D)
+        elif self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)  # (B, D)
+        else:
+            x = self.attn_pool(x)  # (B, D): the probe attends over every final token
         return x if pre_logits else self.head(x)
 
     def forward_intermediates(
@@ -202,6 +293,10 @@ class VisionTransformer(nn.Module):
             num_classes=self.head.out_features if isinstance(self.head, nn.Linear) else 0,
             norm_eps=self.norm_eps,
             mask_token=self.mask_token is not None,
+            pre_norm=isinstance(self.norm_pre, nn.LayerNorm),
+            class_token=self.cls_token is not None,
+            patch_bias=self.patch_bias,
+            act=self.act,
         )
 
 

@@ -70,9 +70,31 @@ def _blocks_from_hf(hf: dict, src: str, dst: str, depth: int) -> dict:
     return out
 
 
+def check_vit_exportable(vit: VisionTransformer) -> None:
+    """ValueError naming the VisionTransformer option transformers' ViT classes cannot express (the CLIP / SigLIP
+    tower options: their exports are CLIPModel / SiglipModel, through the two-tower model)."""
+    what = {
+        "pre_norm": "transformers' ViT has no LayerNorm before its encoder (CLIPModel's pre_layrnorm has)",
+        "class_token": "transformers' ViT always has a cls token (SiglipModel's vision tower has none)",
+        "global_pool": "transformers' ViT pools the cls token; 'map' is SiglipModel's attention-pooling head",
+        "act": "transformers' ViT export writes hidden_act 'gelu' (the exact GELU)",
+    }
+    h = vit.hparams()
+    for key, default in (("pre_norm", False), ("class_token", True), ("act", "gelu")):
+        if h[key] != default:
+            raise ValueError(f"VisionTransformer {key}={h[key]!r} has no ViTModel equivalent: {what[key]}")
+    if h["global_pool"] == "map":
+        raise ValueError(
+            f"VisionTransformer global_pool='map' has no ViTModel equivalent: {what['global_pool']}"
+        )
+
+
 def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.Tensor]:
-    """ViTModel-layout state dict of the encoder (keys prefixed with `prefix`, e.g. 'vit.')."""
+    """ViTModel-layout state dict of the encoder (keys prefixed with `prefix`, e.g. 'vit.'). A patch projection
+    without a bias (patch_bias=False) exports a zero one, which is the same."""
+    check_vit_exportable(vit)
     sd = {k: v.detach().float().cpu() for k, v in vit.state_dict().items()}
+    sd.setdefault("patch_embed.proj.bias", torch.zeros(vit.embed_dim))
     out = {
         "embeddings.cls_token": sd["cls_token"],
         "embeddings.position_embeddings": vit.pos_embed.detach().float().cpu().clone(),
@@ -145,6 +167,7 @@ def encoder_from_hf(
 
 
 def _common(vit: VisionTransformer) -> dict:
+    check_vit_exportable(vit)
     return dict(
         hidden_size=vit.embed_dim,
         num_hidden_layers=len(vit.blocks),

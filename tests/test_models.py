@@ -11,8 +11,8 @@ import models.vit
 from models import MODELS, create_model, list_models
 from pretrain.optim import layer_ids
 
-# image backbones; text models have their own contract (tests/test_text_models.py)
-NAMES = [n for n in list_models() if getattr(MODELS.get(n).builds, "modality", "") != "text"]
+# image backbones; text and two-tower models have their own (tests/test_text_models.py, test_two_tower.py)
+NAMES = [n for n in list_models() if getattr(MODELS.get(n).builds, "modality", "image") == "image"]
 
 
 def small(name, **kw):
