@@ -54,6 +54,35 @@ if [ ! -f /usr/share/wordnet/data.noun ]; then
     echo "[setup] WARNING: no apt-get/root: wordnet-base not installed; the text recipes need it"
   fi
 fi
+# Real image-text pairs: Debian's fonts-noto-color-emoji + unicode-data (the `emoji` dataset; 18 MB), when apt and
+# root allow.
+if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || [ ! -f /usr/share/unicode/emoji/emoji-test.txt ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo -n"
+  EMOJI_PKGS="fonts-noto-color-emoji unicode-data"
+  if command -v apt-get >/dev/null && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "[setup] installing Debian packages $EMOJI_PKGS"
+    $SUDO apt-get install -y -q --no-install-recommends $EMOJI_PKGS >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q --no-install-recommends $EMOJI_PKGS >/dev/null 2>&1; } \
+      || echo "[setup] WARNING: could not install $EMOJI_PKGS; the emoji dataset needs them (image_captions works without)"
+  else
+    echo "[setup] WARNING: no apt-get/root: $EMOJI_PKGS not installed; the emoji dataset needs them"
+  fi
+fi
+# The CLIP BPE tokenizer (data.tokenizer: clip, the default of image-text datasets), built offline into
+# data/tokenizers/clip_bpe from the vocabulary file inside the open-clip-torch wheel: the wheel is downloaded and
+# read as a zip, never installed (it would pull in torchvision and timm). Idempotent.
+OPEN_CLIP_VERSION=3.3.0
+if [ ! -f data/tokenizers/clip_bpe/tokenizer.json ]; then
+  echo "[setup] building the CLIP BPE tokenizer from open-clip-torch==$OPEN_CLIP_VERSION's vocabulary"
+  wheel_dir="$(mktemp -d)"
+  if $PIP download -q --no-deps "open-clip-torch==$OPEN_CLIP_VERSION" -d "$wheel_dir" >"$wheel_dir/log" 2>&1; then
+    .venv/bin/python -m pretrain.data.clip_bpe "$wheel_dir"/open_clip_torch-*.whl >/dev/null
+  else
+    tail -3 "$wheel_dir/log"
+    echo "[setup] WARNING: could not download open-clip-torch==$OPEN_CLIP_VERSION; data.tokenizer: clip will not load"
+  fi
+  rm -rf "$wheel_dir"
+fi
 # Slurm + munge for tests/test_slurm.py (a real two-node cluster on this host, scripts/slurm-cluster.sh), which
 # needs root anyway: without them those tests skip (or fail under TESSERA_REQUIRE_SLURM=1).
 have_slurm() { command -v slurmctld >/dev/null && command -v munged >/dev/null; }

@@ -1,8 +1,9 @@
 """Tessera's data layer: registered datasets -> MDS shards -> resumable per-rank streaming batches, for every
-modality.
+modality (images, text, image-text pairs).
 
-A registered dataset declares its fields (sources.py; text sources in text_sources.py); conversion writes them as
-MDS columns (fields.py; text is tokenized once, tokenizer.py and tokens.py); the ONE loader (stream.py, loader.py)
+A registered dataset declares its fields (sources.py; text sources in text_sources.py, image-text pairs in
+image_text.py); conversion writes them as MDS columns (fields.py; text and captions are tokenized once,
+tokenizer.py, tokens.py, clip_bpe.py for the CLIP BPE); the ONE loader (stream.py, loader.py)
 streams them with exact and elastic resume, bad-sample handling and remote shards, packing text documents into
 rows (packing.py) and mixing data.streams. `TesseraStreamingDataset` (alias `ImageStreamingDataset`) is resolved
 lazily: defining it imports mosaicml-streaming (and its torchvision shim), which importing this package must not
@@ -16,6 +17,7 @@ from typing import Any
 # package (pretrain.data.config, which the config tree imports) does not import the whole data layer.
 _EXPORTS = {
     "import_streaming": "compat",
+    "CLIP_BPE_DIR": "clip_bpe",
     "DataConfig": "config",
     "StreamConfig": "config",
     "TrainLoader": "loader",
@@ -23,6 +25,11 @@ _EXPORTS = {
     "convert": "mds",
     "read_meta": "mds",
     "validate_shards": "mds",
+    "EmojiEntry": "image_text",
+    "ImageTextSource": "image_text",
+    "emoji_entries": "image_text",
+    "emoji_split": "image_text",
+    "tokenize_captions": "image_text",
     "Packer": "packing",
     "ensure_all_shards": "prepare",
     "ensure_shards": "prepare",
@@ -33,6 +40,8 @@ _EXPORTS = {
     "get_dataset": "sources",
     "list_datasets": "sources",
     "register_dataset": "sources",
+    "PairSplit": "split",
+    "load_pairs": "split",
     "load_split": "split",
     "build_train_loader": "stream",
     "sample_seed": "stream",
@@ -54,12 +63,16 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CLIP_BPE_DIR",
     "DATASETS",
     "DataConfig",
+    "EmojiEntry",
     "ImageSource",
     "ImageStreamingDataset",
+    "ImageTextSource",
     "ImageTransform",
     "Packer",
+    "PairSplit",
     "ShardError",
     "Source",
     "SourceError",
@@ -70,6 +83,8 @@ __all__ = [
     "TrainLoader",
     "build_train_loader",
     "convert",
+    "emoji_entries",
+    "emoji_split",
     "ensure_all_shards",
     "ensure_shards",
     "ensure_tokenizer",
@@ -78,6 +93,7 @@ __all__ = [
     "hflip",
     "import_streaming",
     "list_datasets",
+    "load_pairs",
     "load_split",
     "load_token_split",
     "normalize",
@@ -88,6 +104,7 @@ __all__ = [
     "sample_seed",
     "to_tensor",
     "token_counts",
+    "tokenize_captions",
     "tokenizer_info",
     "validate_shards",
 ]

@@ -3,9 +3,11 @@
     python -m pretrain.data convert wordnet --split train --vocab-size 8192 --out data/shards/wordnet/train
     python -m pretrain.data convert jsonl --source corpus/ --tokenizer tok/tokenizer.json --split train
 
-Text datasets are tokenized on the way: with --tokenizer a tokenizer.json (or HF folder), else a byte-level BPE of
---vocab-size ids trained on the train split next to the output (pretrain.data.tokenizer). Errors print one line
-on stderr and exit with status 2.
+    python -m pretrain.data convert emoji --split test
+
+Text datasets and image-text captions are tokenized on the way: with --tokenizer a tokenizer.json (or HF folder)
+or `clip` (the CLIP BPE, the default for image-text), else a byte-level BPE of --vocab-size ids trained on the
+train split next to the output (pretrain.data.tokenizer). Errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -32,17 +34,24 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", default=None, help="output dir (default: data/shards/<name>/<split>)")
     conv.add_argument("--max-samples", type=int, default=None, help="convert only the first N samples")
     conv.add_argument("--overwrite", action="store_true", help="replace existing shards at --out")
-    text = conv.add_argument_group("text datasets")
+    text = conv.add_argument_group("text and image-text datasets")
     text.add_argument(
-        "--tokenizer", default=None, help="tokenizer.json or HF tokenizer folder (data.tokenizer)"
+        "--tokenizer", default=None, help="tokenizer.json, HF tokenizer folder, clip or bpe (data.tokenizer)"
     )
     text.add_argument(
         "--vocab-size", type=int, default=DataConfig.vocab_size, help="trained tokenizer's size"
     )
     text.add_argument("--text-field", default=DataConfig.text_field, help="JSON field holding the text")
+    text.add_argument(
+        "--image-field", default=DataConfig.image_field, help="field holding the image (image-text pairs)"
+    )
     text.add_argument("--split-by", default=DataConfig.split_by, help="document | line | paragraph")
     text.add_argument("--add-bos", action="store_true", help="prepend BOS to every document")
-    text.add_argument("--bad-samples", default="error", help="error | skip (documents that are not UTF-8)")
+    text.add_argument(
+        "--bad-samples",
+        default="error",
+        help="error | skip (documents not UTF-8, pairs with a bad image / caption)",
+    )
     verify = sub.add_parser("verify", help="check index.json and every shard's presence and size")
     verify.add_argument("dir")
     return parser
@@ -53,6 +62,8 @@ def _describe(name: str) -> str:
     splits = ",".join(info.splits) if info.splits else "any (--source)"
     if info.modality == "text":
         kind = f"text  fields={'+'.join(info.fields):10s}"
+    elif info.modality == "image_text":
+        kind = f"pairs {'+'.join(info.fields):20s}"
     else:
         size = f"{info.image_size}x{info.image_size}" if info.image_size else "any size"
         kind = f"image channels={info.channels} {size:9s}"
@@ -76,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer=args.tokenizer,
                 vocab_size=args.vocab_size,
                 text_field=args.text_field,
+                image_field=args.image_field,
                 split_by=args.split_by,
                 add_bos=args.add_bos,
                 bad_samples=args.bad_samples,

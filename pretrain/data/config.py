@@ -1,7 +1,8 @@
 """What data to train on and how to present it: one dataclass, validated before anything is built.
 
-One config serves every modality: the registered dataset says whether its samples hold images or text, and the
-keys of the other modality are ignored. `streams` mixes several datasets/splits into the one loader.
+One config serves every modality: the registered dataset says whether its samples hold images, text or image-text
+pairs, and the keys of the other modality are ignored (pairs use both). `streams` mixes several datasets/splits into
+the one loader.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field
 from pretrain.errors import ConfigError
 
 SPLIT_BY = ("document", "line", "paragraph")
+# data.tokenizer values that name a tokenizer rather than a file: the CLIP BPE built by scripts/setup.sh
+# (pretrain.data.clip_bpe), and a byte-level BPE of data.vocab_size ids trained here (pretrain.data.tokenizer).
+TOKENIZER_ALIASES = ("clip", "bpe")
 # 5 special tokens + 256 byte symbols + at least one merge: the smallest byte-level BPE worth training.
 MIN_VOCAB, MAX_VOCAB = 262, 1 << 22
 
@@ -38,7 +42,7 @@ class StreamConfig:
 @dataclass
 class DataConfig:
     # Registered dataset name (`python -m pretrain.data list`): fashion_mnist, digits, image_folder, wordnet,
-    # text_files, jsonl, hf_json, hf_text, hf_parquet, hf_disk, ...
+    # text_files, jsonl, hf_json, hf_text, hf_parquet, hf_disk, emoji, image_captions, hf_image_text, ...
     dataset: str = "fashion_mnist"
     # Which split to read; fixed-split datasets check it, the others take any name for `source`.
     split: str = "train"
@@ -72,7 +76,8 @@ class DataConfig:
     # "error" stops the run with ShardError naming the shard file, sample id, column and decoder message;
     # "skip" drops it from its micro-batch (which is then smaller), counts it per rank and logs it.
     # A shard file missing, truncated or unfetchable is always an error: skipping would drop a whole shard.
-    # At conversion, a text document that is not UTF-8 is likewise an error or a skip counted in tessera.json.
+    # At conversion, a text document that is not UTF-8, or an image-text pair whose image does not decode or whose
+    # caption is empty, is likewise an error or a skip counted in tessera.json.
     bad_samples: str = "error"
     # "skip" only: stop with ShardError once more than this many samples have been skipped on one rank since the
     # run began (the count is checkpointed, so resumes add up); 0 = the first bad sample stops the run.
@@ -81,12 +86,14 @@ class DataConfig:
     # --- text datasets (ignored for images) -------------------------------------------------------------------
     # Tokens per packed row: every micro-batch is micro_batch_size rows of exactly seq_len tokens.
     seq_len: int = 512
-    # A tokenizer.json file or a Hugging Face tokenizer folder; None = a byte-level BPE of `vocab_size` ids
-    # trained on the train split and kept next to the shards (pretrain.data.tokenizer says where).
+    # A tokenizer.json file or a Hugging Face tokenizer folder, or "clip" (the CLIP BPE, 49,408 ids, built offline
+    # by `bash scripts/setup.sh` into data/tokenizers/clip_bpe), or "bpe" (a byte-level BPE of `vocab_size` ids
+    # trained on the train split and kept next to the shards; pretrain.data.tokenizer says where).
+    # None = "bpe" for text datasets, "clip" for image-text datasets.
     tokenizer: str | None = None
     # Size of the trained tokenizer's vocabulary (ids 0-4 are <pad> <s> </s> <unk> <mask>); unused with `tokenizer`.
     vocab_size: int = 8192
-    # JSON field holding a document's text (jsonl, hf_json, hf_parquet, hf_disk).
+    # JSON field / column holding a document's text or a caption (jsonl, hf_*, image_captions, hf_image_text).
     text_field: str = "text"
     # What one document of a text file is: "document" (the whole file), "line", or "paragraph" (blank-line separated).
     split_by: str = "document"
@@ -95,6 +102,12 @@ class DataConfig:
     # Documents per fetch from streaming, the packer's unit of reading; None = enough for one micro-batch of rows
     # on average (from the shards' token count).
     docs_per_fetch: int | None = None
+
+    # --- image-text datasets (images use the image keys above, captions the tokenizer) -------------------------
+    # Tokens per caption in a batch: [BOS] ids EOS, cut to text_len keeping EOS last (CLIP's rule), else padded.
+    text_len: int = 77
+    # JSON field / column holding an image's path (image_captions) or the image itself (hf_image_text).
+    image_field: str = "image"
 
     # --- mixing ---------------------------------------------------------------------------------------------
     # Several dataset splits in one loader (mosaicml-streaming Streams), all of one modality (and, for text, read
@@ -144,13 +157,13 @@ class DataConfig:
             raise config_error(f"data.max_bad_samples: must be >= 0, got {self.max_bad_samples}")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            if value is not None and info.modality == "image" and len(value) != info.channels:
+            if value is not None and info.modality != "text" and len(value) != info.channels:
                 raise config_error(
                     f"data.{name}: {self.dataset!r} has {info.channels} channel(s), got {list(value)}"
                 )
         if self.std is not None and any(s <= 0 for s in self.std):
             raise config_error(f"data.std: every entry must be > 0, got {list(self.std)}")
-        self._validate_text()
+        self._validate_text(info.modality)
         self._validate_streams(info.modality, getattr(info, "channels", None))
 
     def _check_dataset(self, cfg: DataConfig | StreamConfig, key: str):
@@ -164,7 +177,7 @@ class DataConfig:
         except KeyError as err:
             raise config_error(f"{key}.dataset: {err.args[0]}") from None
         if info.needs_source and not cfg.source:
-            what = "folder of images" if info.modality == "image" else "text file or folder"
+            what = {"image": "folder of images", "text": "text file or folder"}.get(info.modality, "pairs")
             raise config_error(f"{key}.source: dataset {name!r} needs a source ({what})")
         if info.splits is not None and split not in info.splits:
             raise config_error(f"{key}.split: {name!r} has splits {list(info.splits)}, not {split!r}")
@@ -172,24 +185,38 @@ class DataConfig:
             raise config_error(f"{key}.max_samples: must be > 0 or None, got {cfg.max_samples}")
         return info
 
-    def _validate_text(self) -> None:
+    def tokenizer_name(self, modality: str | None = None) -> str:
+        """data.tokenizer with its default filled in: a path, "clip" or "bpe" (see the key's comment)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return "clip" if (modality or self.modality()) == "image_text" else "bpe"
+
+    def _validate_text(self, modality: str) -> None:
         if self.seq_len <= 0:
             raise config_error(f"data.seq_len: must be > 0, got {self.seq_len}")
-        if self.tokenizer is not None:
-            ok = os.path.isfile(self.tokenizer) or os.path.isfile(
-                os.path.join(self.tokenizer, "tokenizer.json")
-            )
+        if self.text_len <= 1:
+            raise config_error(f"data.text_len: must be > 1 (room for BOS and EOS), got {self.text_len}")
+        name = self.tokenizer_name(modality)
+        if name == "clip" and modality != "image":
+            from pretrain.data.clip_bpe import clip_bpe_dir
+
+            clip_bpe_dir()  # ConfigError naming scripts/setup.sh when it is not built
+        elif name not in TOKENIZER_ALIASES:
+            ok = os.path.isfile(name) or os.path.isfile(os.path.join(name, "tokenizer.json"))
             if not ok:
                 raise config_error(
-                    f"data.tokenizer: {self.tokenizer} is neither a tokenizer.json file nor a folder holding one"
+                    f"data.tokenizer: {name} is neither a tokenizer.json file nor a folder holding one "
+                    f"(nor one of {list(TOKENIZER_ALIASES)})"
                 )
         if not MIN_VOCAB <= self.vocab_size <= MAX_VOCAB:
             raise config_error(
                 f"data.vocab_size: must be in [{MIN_VOCAB}, {MAX_VOCAB}] (5 special tokens + 256 bytes + merges), "
                 f"got {self.vocab_size}"
             )
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise config_error(f"data.text_field: must be a non-empty field name, got {self.text_field!r}")
+        for key in ("text_field", "image_field"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise config_error(f"data.{key}: must be a non-empty field name, got {value!r}")
         if self.split_by not in SPLIT_BY:
             raise config_error(f"data.split_by: must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
         if self.docs_per_fetch is not None and self.docs_per_fetch <= 0:
@@ -212,7 +239,7 @@ class DataConfig:
                     f"{key}.dataset: {resolved.dataset!r} holds {info.modality} but data.dataset "
                     f"{self.dataset!r} holds {modality}; all streams must be of one modality"
                 )
-            if modality == "image" and info.channels != channels:
+            if modality != "text" and info.channels != channels:
                 raise config_error(
                     f"{key}.dataset: {resolved.dataset!r} has {info.channels} channel(s) but data.dataset "
                     f"{self.dataset!r} has {channels}; the images of one batch must have the same channels"

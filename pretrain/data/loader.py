@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 class TrainLoader:
     """Infinite iterator over epochs of per-rank batches.
 
-    Images: {"image": (B, C, S, S), "label": (B,), "index": (B,)}.
+    Images: {"image": (B, C, S, S), "label": (B,), "index": (B,), "epoch": (B,)}.
+    Image-text pairs: the same ("label" only when the dataset has classes) plus "input_ids" and "attention_mask"
+    (B, data.text_len) int64; `truncated_captions` says how many of the shards' captions text_len cuts.
     Text (a `packer`): micro_batch_size rows of exactly seq_len tokens, {"input_ids", "positions", "doc_ids"
     (B, N) int64, "index" (K,) the sample id of each document piece in row order} (pretrain.data.packing).
 
@@ -79,6 +81,7 @@ class TrainLoader:
         self._closed = False
         self.classes: list[str] | None = None  # the dataset's class names (shard metadata), for exports
         self.tokens_per_epoch: int | None = None  # text: the shards' tokens (for batches_per_epoch)
+        self.truncated_captions: int | None = None  # pairs: captions longer than data.text_len (tessera.json)
 
     @property
     def epoch(self) -> int:

@@ -1,6 +1,7 @@
 """Raw dataset -> MDS shards (written atomically), and a check that a shard directory is whole.
 
-Images are stored as PNG + label; text as token ids (pretrain.data.tokens), one sample per document.
+Images are stored as PNG + label; text as token ids (pretrain.data.tokens), one sample per document; image-text
+pairs as PNG + caption token ids + caption (+ label) (pretrain.data.image_text).
 
 Shards are what every rank streams from; a half-written directory must never look like a dataset, so `convert`
 writes into `<out>.tmp-<pid>` and renames it into place only after `index.json` and `tessera.json` exist.
@@ -15,7 +16,7 @@ import os
 import shutil
 from typing import Any
 
-from pretrain.data import tokens
+from pretrain.data import image_text, tokens
 from pretrain.data.compat import import_streaming
 from pretrain.data.config import DataConfig
 from pretrain.data.sources import SourceError, get_dataset
@@ -47,9 +48,10 @@ def convert(
 ) -> dict[str, Any]:
     """Write `dataset_name/split` as MDS shards into `out_dir`; returns the tessera.json metadata.
 
-    Text datasets are tokenized on the way (pretrain.data.tokens): `data` carries the text options (tokenizer,
-    vocab_size, text_field, split_by, add_bos, bad_samples; default DataConfig()), `tokenizer` the run's
-    tokenizer (default: data's, trained first if needed).
+    Text datasets are tokenized on the way (pretrain.data.tokens), image-text captions too
+    (pretrain.data.image_text): `data` carries the options (tokenizer, vocab_size, text_field, image_field,
+    split_by, add_bos, bad_samples; default DataConfig()), `tokenizer` the run's tokenizer (default: data's,
+    trained first if needed).
     """
     info = get_dataset(dataset_name)
     streaming = import_streaming()
@@ -58,7 +60,7 @@ def convert(
         what = "shards" if os.path.exists(os.path.join(out_dir, "index.json")) else "files but no index.json"
         raise FileExistsError(f"{out_dir} already holds {what}; delete it or pass overwrite/--overwrite")
     text = None
-    if info.modality == "text":
+    if info.modality in ("text", "image_text"):
         base = data or DataConfig(dataset=dataset_name)
         cfg = dataclasses.replace(
             base,
@@ -77,7 +79,13 @@ def convert(
     log.info("converting %s/%s -> %s (shards of <= %d bytes)", dataset_name, split, out_dir, size_limit)
     count, labels, extra = 0, set(), {}
     try:
-        if text is None:
+        if info.modality == "image_text":
+            with streaming.MDSWriter(
+                out=tmp, columns=image_text.pair_columns(*text), size_limit=size_limit
+            ) as writer:
+                stats = image_text.write_pair_rows(writer, *text)
+            count, extra = stats["pairs"], image_text.pair_meta(*text, stats)
+        elif text is None:
             mode = "L" if info.channels == 1 else "RGB"
             with streaming.MDSWriter(out=tmp, columns=COLUMNS, size_limit=size_limit) as writer:
                 for sample in info.samples(split, source, max_samples):
@@ -96,7 +104,7 @@ def convert(
             "dataset": dataset_name,
             "split": split,
             "count": count,
-            "available": info.count(split, source) if text is None else None,
+            "available": info.count(split, source) if info.modality != "text" else None,
             "max_samples": max_samples,
             "channels": getattr(info, "channels", None),
             "num_classes": max(labels) + 1 if labels else None,

@@ -3,7 +3,8 @@
 Used by the train loader on every rank and by `load_split`/`load_token_split` in a single process (a default
 `DistContext()`: one rank, so no collective is ever entered, whatever process group the caller may have).
 With data.streams every stream is prepared the same way; an error names the stream (`data.streams[i]`).
-Text shards must have been tokenized with the run's tokenizer (same sha256), else they are refused.
+Text and image-text shards must have been tokenized with the run's tokenizer (same sha256), else they are
+refused.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 
 from pretrain.data.config import DataConfig
 from pretrain.data.mds import ShardError, convert, read_meta, validate_shards
+from pretrain.data.sources import get_dataset
 from pretrain.data.tokenizer import TokenizerInfo, ensure_tokenizer, shard_dir
 from pretrain.dist import DistContext
 
@@ -36,8 +38,10 @@ def _check_meta(
     converted = have["max_samples"]
     if cfg.max_samples is None or (subset_ok and (converted is None or converted >= cfg.max_samples)):
         have["max_samples"] = cfg.max_samples
-    if tok is not None:  # text: how the documents were cut and tokenized
-        for key in ("add_bos", "split_by", "text_field"):
+    if tok is not None:  # text: how the documents were cut and tokenized; pairs: where they were read from
+        info = get_dataset(cfg.dataset)
+        keys = ("add_bos", "split_by", "text_field") if info.modality == "text" else info.option_keys
+        for key in keys:
             want[key], have[key] = getattr(cfg, key), meta.get(key)
     if have != want:
         raise ShardError(

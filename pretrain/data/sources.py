@@ -249,5 +249,7 @@ class ImageFolder(ImageSource):
             yield {"image": image, "label": label}
 
 
-# The text sources register themselves on import; imported last, as they subclass what is defined above.
+# The text and image-text sources register themselves on import; imported last, as they subclass what is
+# defined above.
+from pretrain.data import image_text as _image_text  # noqa: E402, F401
 from pretrain.data import text_sources as _text_sources  # noqa: E402, F401

@@ -3,7 +3,8 @@
 streaming's StreamingDataset does the partitioning (disjoint per rank and worker, deterministic given
 `batch_size`), the mixing of data.streams and the mid-epoch resume. This module adds the decoding of each field
 (`fields.SampleDecoder`: images with augmentation that is a pure function of (run seed, epoch, sample index),
-token ids for text), packing of documents into rows for text (`packing.Packer`, above streaming's DataLoader),
+token ids for text, both for image-text pairs, their captions cut or padded to data.text_len), packing of
+documents into rows for text (`packing.Packer`, above streaming's DataLoader),
 and an infinite multi-epoch iterator. Shards are made ready first by `prepare.ensure_all_shards`; the plain
 in-order readers for probes and evals are `split.load_split` and `tokens.load_token_split`. Corrupt input (a
 shard truncated or deleted mid-run, a sample that does not decode) becomes a named ShardError or a counted skip:
@@ -23,17 +24,19 @@ from pretrain.data import robust
 from pretrain.data.compat import import_streaming
 from pretrain.data.config import DataConfig, config_error
 from pretrain.data.fields import SampleDecoder
+from pretrain.data.image_text import truncated_captions
 from pretrain.data.loader import TrainLoader
 from pretrain.data.mds import ShardError, read_meta
 from pretrain.data.packing import Packer
 from pretrain.data.prepare import ensure_all_shards
 from pretrain.data.shm import clean_stale_segments
 from pretrain.data.sources import get_dataset
-from pretrain.data.tokenizer import tokenizer_info
+from pretrain.data.tokenizer import TokenizerInfo, tokenizer_info
 from pretrain.data.transforms import ImageTransform
 from pretrain.dist import DistContext
 
 log = logging.getLogger(__name__)
+data_log = logging.getLogger("tessera.data")  # a child of the run's logger: shown in the run's log
 _MASK64 = (1 << 64) - 1
 MAX_DOCS_PER_FETCH = 4096
 __all__ = ["TrainLoader", "build_train_loader", "sample_seed"]
@@ -60,7 +63,8 @@ def _define_dataset_class() -> type:
 
     class TesseraStreamingDataset(streaming.StreamingDataset):
         """StreamingDataset yielding what `decoder` makes of a sample: {"image": (C, S, S) float, "label": int64,
-        "index": int64} for images, {"tokens": (L,) int64, "index": int64} for a text document; or, for a sample
+        "index": int64} for images, {"tokens": (L,) int64, "index": int64} for a text document, the image's plus
+        {"input_ids", "attention_mask": (text_len,) int64} (and "label" if any) for a pair; or, for a sample
         that does not decode, the marker robust.bad_sample(...) that TrainLoader turns into an error or a skip.
 
         The epoch is a local variable inside StreamingDataset.__iter__; the only hook that sees it, in whichever
@@ -104,7 +108,7 @@ def _define_dataset_class() -> type:
             except Exception as err:
                 raise robust.as_shard_error(err, f"{robust.shard_path(shard)}: sample {sample_id}") from err
             gen = None
-            if self.decoder.modality == "image":
+            if self.decoder.modality != "text":
                 gen = torch.Generator().manual_seed(sample_seed(self.aug_seed, self.tessera_epoch, sample_id))
             return self.decoder.finish(parsed, sample_id, gen)
 
@@ -232,10 +236,11 @@ def _docs_per_fetch(cfg: DataConfig, metas: list[dict], micro_batch_size: int) -
     return max(1, min(MAX_DOCS_PER_FETCH, math.ceil(micro_batch_size * cfg.seq_len * docs / tokens)))
 
 
-def _decoder(cfg: DataConfig, vocab_size: int | None) -> SampleDecoder:
+def sample_decoder(cfg: DataConfig, tok: TokenizerInfo | None) -> SampleDecoder:
+    """How the loader decodes cfg's samples (`split.load_pairs` uses it too, with data.augment off)."""
     info = get_dataset(cfg.dataset)
     if info.modality == "text":
-        return SampleDecoder("text", vocab_size=vocab_size)
+        return SampleDecoder("text", vocab_size=tok.vocab_size)
     transform = ImageTransform(
         image_size=cfg.image_size,
         mean=tuple(cfg.mean or info.mean),
@@ -244,7 +249,34 @@ def _decoder(cfg: DataConfig, vocab_size: int | None) -> SampleDecoder:
         crop_scale_min=cfg.crop_scale_min,
         hflip=cfg.hflip,
     )
-    return SampleDecoder("image", transform=transform, image_mode="L" if info.channels == 1 else "RGB")
+    mode = "L" if info.channels == 1 else "RGB"
+    if info.modality == "image_text":
+        return SampleDecoder(
+            "image_text",
+            transform=transform,
+            image_mode=mode,
+            vocab_size=tok.vocab_size,
+            text_len=cfg.text_len,
+            pad_id=tok.padding_id,
+        )
+    return SampleDecoder("image", transform=transform, image_mode=mode)
+
+
+def _report_truncation(cfg: DataConfig, metas: list[dict], ctx: DistContext) -> int | None:
+    """Captions longer than data.text_len in the shards (tessera.json's caption lengths), logged once by rank 0."""
+    counts = truncated_captions(metas, cfg.text_len)
+    if counts is None:
+        return None
+    longer, total = counts
+    if ctx.is_main:
+        data_log.log(
+            logging.WARNING if longer else logging.INFO,
+            "%d of %d captions are longer than data.text_len=%d and are truncated",
+            longer,
+            total,
+            cfg.text_len,
+        )
+    return longer
 
 
 def build_train_loader(
@@ -269,7 +301,7 @@ def build_train_loader(
     metas = [read_meta(os.path.abspath(s.remote or d)) or {} for s, d in zip(streams, dirs)]
     _clean_stale_shared_memory(ctx)
     tok = tokenizer_info(cfg)  # trained by now (ensure_all_shards)
-    text = tok is not None
+    text = get_dataset(cfg.dataset).modality == "text"  # packed into rows; images and pairs are batched as is
     fetch = _docs_per_fetch(cfg, metas, micro_batch_size) if text else micro_batch_size
     if cfg.streams:
         stream_cls = import_streaming().Stream
@@ -290,7 +322,7 @@ def build_train_loader(
             "remote": os.path.abspath(cfg.remote) if cfg.remote else None,
         }
     dataset = _dataset_class()(
-        decoder=_decoder(cfg, tok.vocab_size if text else None),
+        decoder=sample_decoder(cfg, tok),
         aug_seed=seed,
         **where,
         shuffle=cfg.shuffle,
@@ -323,6 +355,8 @@ def build_train_loader(
     train_loader.classes = metas[0].get("classes")  # (no walk of a source tree here: export falls back)
     if text:
         train_loader.tokens_per_epoch = sum(m.get("tokens") or 0 for m in metas) or None
+    elif tok is not None:
+        train_loader.truncated_captions = _report_truncation(cfg, metas, ctx)
     if len(train_loader.loader) == 0:
         train_loader.close()
         if text:

@@ -1,8 +1,12 @@
-"""The run's tokenizer: a local tokenizer.json / Hugging Face tokenizer folder, or a byte-level BPE trained here.
+"""The run's tokenizer: a local tokenizer.json / Hugging Face tokenizer folder, the CLIP BPE, or a byte-level BPE
+trained here. Text and image-text datasets have one (captions are tokenized like documents); image datasets none.
 
-Trained tokenizer (data.tokenizer null): `tokenizers` byte-level BPE of data.vocab_size ids, special tokens
-<pad> <s> </s> <unk> <mask> at ids 0-4, trained on the first data.max_samples documents of the *train* split of
-data.dataset (the first stream's, with data.streams), no normalizer (text round-trips byte for byte). It is
+data.tokenizer: a path (that tokenizer); "clip", the default of image-text datasets (the CLIP BPE folder that
+pretrain.data.clip_bpe builds at setup); "bpe", the default of text datasets (the trained tokenizer):
+
+Trained tokenizer: `tokenizers` byte-level BPE of data.vocab_size ids, special tokens <pad> <s> </s> <unk> <mask>
+at ids 0-4, trained on the first data.max_samples documents (an image-text dataset: captions) of the *train* split
+of data.dataset (the first stream's, with data.streams), no normalizer (text round-trips byte for byte). It is
 written once, atomically, to
 
     <folder holding the shard dir>/tokenizer-<dataset>-bpe<vocab_size>[-first<max_samples>]/tokenizer.json
@@ -189,10 +193,16 @@ def info_from_path(path: str) -> TokenizerInfo:
 
 def tokenizer_info(cfg: DataConfig) -> TokenizerInfo | None:
     """The run's tokenizer, None for image data. Cheap: reads at most the tokenizer file, never trains."""
-    if get_dataset(cfg.dataset).modality != "text":
+    modality = get_dataset(cfg.dataset).modality
+    if modality == "image":
         return None
-    if cfg.tokenizer is not None:
-        return info_from_path(cfg.tokenizer)
+    name = cfg.tokenizer_name(modality)
+    if name == "clip":
+        from pretrain.data.clip_bpe import clip_bpe_dir
+
+        return info_from_path(clip_bpe_dir())  # ConfigError naming scripts/setup.sh when not built
+    if name != "bpe":
+        return info_from_path(name)
     file = os.path.join(trained_tokenizer_dir(cfg), "tokenizer.json")
     sha = None
     if os.path.isfile(file):
