@@ -16,9 +16,14 @@ from pretrain.data.sources import get_dataset
 from pretrain.objectives import OBJECTIVES, build_objective, objective_config, objectives_for
 
 
+def model_modality(name: str) -> str:
+    """ "image" (a backbone), "text" (models/text_layers.py) or "image_text" (models/two_tower.py)."""
+    return getattr(models.MODELS.get(name).builds, "modality", "image")
+
+
 def is_text_model(name: str) -> bool:
     """Whether registered model `name` is a text family (modality "text": token ids in, models/text_layers.py)."""
-    return getattr(models.MODELS.get(name).builds, "modality", "image") == "text"
+    return model_modality(name) == "text"
 
 
 def tokenizer_of(cfg: Config):
@@ -31,6 +36,8 @@ def tokenizer_of(cfg: Config):
 def model_kwargs(cfg: Config) -> dict:
     """The backbone's constructor arguments: the config's, plus what the data decides unless the config says."""
     kwargs = dict(cfg.model.kwargs)
+    if model_modality(cfg.model.name) == "image_text":
+        return _two_tower_kwargs(cfg, kwargs)
     if is_text_model(cfg.model.name):
         info = tokenizer_of(cfg)
         if info is None:
@@ -49,6 +56,25 @@ def model_kwargs(cfg: Config) -> dict:
     return kwargs
 
 
+def _two_tower_kwargs(cfg: Config, kwargs: dict) -> dict:
+    """A two-tower model takes its image size and channels from the data, its vocabulary, context length and
+    end-of-text / padding ids from the run's tokenizer (unless model.kwargs says)."""
+    source = get_dataset(cfg.data.dataset)
+    info = tokenizer_of(cfg)
+    if source.modality != "image_text" or info is None:
+        raise ConfigError(
+            f"model.name: {cfg.model.name!r} is an image-text model but data.dataset {cfg.data.dataset!r} holds "
+            f"{source.modality}, not image-text pairs (python -m pretrain.data list)"
+        )
+    kwargs.setdefault("in_chans", source.channels)
+    kwargs.setdefault("img_size", cfg.data.image_size)
+    kwargs.setdefault("vocab_size", info.vocab_size)
+    kwargs.setdefault("context_length", cfg.data.text_len)
+    kwargs.setdefault("eos_token_id", info.eos_id)
+    kwargs.setdefault("pad_token_id", info.padding_id)
+    return kwargs
+
+
 def build_model(cfg: Config) -> nn.Module:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every restart
     kwargs = model_kwargs(cfg)
@@ -63,6 +89,15 @@ def example_batch(cfg: Config, batch_size: int, device: torch.device | str = "cp
     """A batch shaped like the loader's (values random), e.g. to count FLOPs on the meta device. Text: one
     document per row (the loader's packed rows have the same shapes)."""
     kwargs = model_kwargs(cfg)
+    if model_modality(cfg.model.name) == "image_text":
+        size, n = cfg.data.image_size, cfg.data.text_len
+        return {
+            "image": torch.randn(batch_size, kwargs["in_chans"], size, size, device=device),  # (B, C, S, S)
+            "input_ids": torch.randint(0, kwargs["vocab_size"], (batch_size, n), device=device),  # (B, L)
+            "attention_mask": torch.ones(batch_size, n, dtype=torch.long, device=device),  # (B, L)
+            "index": torch.arange(batch_size, device=device),
+            "epoch": torch.zeros(batch_size, dtype=torch.long, device=device),
+        }
     if is_text_model(cfg.model.name):
         n = cfg.data.seq_len
         return {
@@ -117,6 +152,8 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError(str(e)) from e
     if is_text_model(cfg.model.name):
         _check_text(cfg)
+    if model_modality(cfg.model.name) == "image_text":
+        _check_image_text(cfg)
     if cfg.eval.interval:
         from pretrain.monitor import check_eval_config
 
@@ -171,4 +208,20 @@ def _check_text(cfg: Config) -> None:
         raise ConfigError(
             f"data.seq_len: {cfg.data.seq_len} tokens per row is beyond the {max_len} positions "
             f"{cfg.model.name!r} was configured for (model.kwargs.max_seq_len)"
+        )
+
+
+def _check_image_text(cfg: Config) -> None:
+    """Pairs for a two-tower model, and the tokenizer's ids within the text tower's vocabulary."""
+    kwargs = model_kwargs(cfg)  # raises naming data.dataset when it holds no pairs
+    info = tokenizer_of(cfg)
+    if kwargs["vocab_size"] < info.vocab_size:
+        raise ConfigError(
+            f"model.kwargs.vocab_size: {kwargs['vocab_size']} is smaller than the tokenizer's vocabulary "
+            f"({info.vocab_size} ids, {info.path}); token ids would index past the embedding"
+        )
+    if kwargs["context_length"] < cfg.data.text_len:
+        raise ConfigError(
+            f"model.kwargs.context_length: {kwargs['context_length']} positions cannot hold data.text_len="
+            f"{cfg.data.text_len} tokens per caption"
         )

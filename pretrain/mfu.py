@@ -241,8 +241,11 @@ class Throughput:
         return out
 
 
-def tokens_per_sample(backbone: torch.nn.Module, image_size: int) -> int:
-    """Patches a backbone cuts one image into: (size / stride)^2, the stride being its patch or stem stride."""
+def tokens_per_sample(backbone: torch.nn.Module, image_size: int, text_len: int = 0) -> int:
+    """Patches a backbone cuts one image into: (size / stride)^2, the stride being its patch or stem stride. A
+    two-tower model (`visual` + `text`): its image tower's patches plus the caption's `text_len` tokens."""
+    if getattr(backbone, "modality", "image") == "image_text":
+        return tokens_per_sample(backbone.visual, image_size) + text_len
     stride = getattr(backbone, "patch_size", None) or getattr(backbone, "stem_stride", None) or 1
     return (image_size // stride) ** 2
 
@@ -256,7 +259,7 @@ def build_throughput(cfg, ctx, module: torch.nn.Module) -> Throughput:
         text = text_flops(backbone, tokens)
         flops = tokens * text.per_token(tokens)  # 6N + 12·L·d·s per token, s = the row
     else:
-        tokens = tokens_per_sample(backbone, cfg.data.image_size)
+        tokens = tokens_per_sample(backbone, cfg.data.image_size, cfg.data.text_len)
         try:
             flops = train_flops_per_sample(cfg)
         except Exception as err:  # a model the meta device cannot run: throughput still logs, MFU does not

@@ -51,3 +51,13 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype | None
                 v = v.to(float_dtype)
         out[k] = v
     return out
+
+
+def param_bounds(module: nn.Module) -> list[tuple[nn.Parameter, tuple[float, float]]]:
+    """Parameters the objective keeps within bounds after every optimizer step (`module.param_bounds()`:
+    {qualified name: (low, high)}, e.g. CLIP's logit scale in [0, ln 100]); engines clamp them in place."""
+    fn = getattr(module, "param_bounds", None)
+    if fn is None:
+        return []
+    params = dict(module.named_parameters())
+    return [(params[name], bounds) for name, bounds in fn().items()]

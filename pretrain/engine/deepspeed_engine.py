@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.dist import DistContext
-from pretrain.engine.base import Engine, StepResult, to_device
+from pretrain.engine.base import Engine, StepResult, param_bounds, to_device
+from pretrain.engine.cached import CachedStep, uses_cache
 from pretrain.optim import param_groups
 
 TAG = "engine"  # DeepSpeed's files live in <checkpoint>/engine/
@@ -113,9 +114,22 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise LR decay
         outputs, total = [], 0.0  # summed on device: one host sync per step, not per micro-batch
         norm = None
-        for i, batch in enumerate(micro_batches):
-            out = self.ds(to_device(batch, self.ctx.device, self.float_dtype))
-            self.ds.backward(out["loss"])  # DeepSpeed divides by the accumulation steps itself
+        batches = [to_device(b, self.ctx.device, self.float_dtype) for b in micro_batches]
+        plan, chunks = None, ((i, b, None) for i, b in enumerate(batches))
+        if uses_cache(self.module):  # GradCache: pretrain/engine/cached.py
+            plan = CachedStep(self.module, batches, self.ctx.device, contextlib.nullcontext)
+            whole = plan.prepare(self.ds)
+            chunks = plan.chunks() if len(batches) > 1 else [(0, None, "single")]
+        for i, batch, cached in chunks:
+            if cached == "single":  # one micro-batch: its features kept their graph
+                out = {"loss": plan.surrogate_single()}
+                self.ds.backward(out["loss"], scale_wrt_gas=False)
+            elif cached is None:
+                out = self.ds(batch)
+                self.ds.backward(out["loss"])  # DeepSpeed divides by the accumulation steps itself
+            else:  # the cached gradients are already the whole batch's: no 1/k
+                out = self.ds(batch, cached=cached)
+                self.ds.backward(out["loss"], scale_wrt_gas=False)
             if i == len(micro_batches) - 1 and self.ds.zero_optimization_stage() == 0:
                 # without ZeRO, DeepSpeed does not record the norm; gradients are all-reduced by now
                 grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -130,7 +144,38 @@ class DeepSpeedEngine(Engine):
         if norm is None:
             raise RuntimeError("DeepSpeed reported no gradient norm for this step")
         norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+        self._clamp_bounded()
+        if plan is not None:
+            return StepResult(loss=float(whole["loss"]), outputs=[whole], grad_norm=norm)
         return StepResult(loss=float(total) / len(micro_batches), outputs=outputs, grad_norm=norm)
+
+    def _clamp_bounded(self) -> None:
+        """Keep the objective's bounded parameters (param_bounds) in bounds after the step: in the fp32 master
+        copy the optimizer holds (sharded under ZeRO), through DeepSpeed's safe accessors."""
+        bounded = param_bounds(self.module)
+        if not bounded:
+            return
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_local_fp32_param,
+            safe_set_full_fp32_param,
+            safe_set_local_fp32_param,
+        )
+
+        for p, (low, high) in bounded:
+            if (
+                self.ds.zero_optimization_stage() == 3
+            ):  # each rank clamps its own shard (clamping is elementwise)
+                local = safe_get_local_fp32_param(p)
+                if local is not None and local.numel():
+                    safe_set_local_fp32_param(p, local.clamp(low, high))
+                continue
+            master = safe_get_full_fp32_param(p)
+            if master is None:  # no ZeRO: the parameter is its own master copy
+                with torch.no_grad():
+                    p.clamp_(low, high)
+                continue
+            safe_set_full_fp32_param(p, master.clamp(low, high))
 
     def save(self, folder: Path) -> None:
         # every rank writes its own shard of parameters and optimizer state

@@ -59,7 +59,7 @@ def build_objective(cfg, backbone: nn.Module, tokenizer=None, seed: int = 0) -> 
     return cls(backbone, cfg, **kwargs)
 
 
-from pretrain.objectives import classify, clm, mae, mlm, simmim, spark  # noqa: E402,F401  (register the objectives)
+from pretrain.objectives import classify, clm, contrastive, mae, mlm, simmim, spark  # noqa: E402,F401  (register the objectives)
 
 __all__ = [
     "OBJECTIVES",
