@@ -101,18 +101,29 @@ class GuardConfig:
 
 @dataclass
 class EvalConfig:
-    """Online monitors of the backbone's features on a fixed held-out split (pretrain.monitor): every rank
-    embeds its share, the features are gathered, and every rank scores the same numbers."""
+    """Online monitors on a fixed held-out split (pretrain.monitor): every rank embeds its share, the features
+    are gathered, and every rank scores the same numbers. An image backbone gets kNN / linear-probe accuracy; a
+    two-tower image-text model zero-shot accuracy and image<->text retrieval (pretrain.zeroshot)."""
 
     interval: int = 0  # steps between evaluations (and one at the last step); 0 = never
     knn: bool = True  # k-nearest-neighbour accuracy (cosine, temperature-weighted vote)
     linear_probe: bool = True  # a logistic-regression probe fit on `train_samples` training images
-    dataset: str | None = None  # labelled image dataset to evaluate on; None = data.dataset
+    # A labelled image dataset to evaluate on (an image-text one for two-tower models); None = data.dataset
+    dataset: str | None = None
     train_samples: int = 2000  # a fixed subset of the train split (the kNN bank and the probe's training set)
-    test_samples: int = 1000  # a fixed subset of the test split (scored)
+    test_samples: int = 1000  # a fixed subset of the test split (scored; two-tower runs: the held-out pairs)
     k: int = 20
     temperature: float = 0.07
-    batch_size: int = 256  # images per forward while embedding
+    batch_size: int = 256  # images (or captions, prompts) per forward while embedding
+    # Two-tower models: zero-shot classification of the test images among the classes, each class embedded as
+    # the mean over `templates` ("{}" = the class name) of its prompts' text embeddings, renormalized.
+    zero_shot: bool = True
+    retrieval: bool = True  # two-tower models: image->text and text->image recall@1/5/10 over the test pairs
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}.", "a {}."])
+    class_names: list[str] | None = None  # the classes' names in label order; None = the dataset's
+    # Raw input of the held-out pairs (the test split's folder for image_captions, whose data.source is one
+    # split); None = data.source for the run's own dataset, the dataset's default for another.
+    source: str | None = None
 
 
 @dataclass
@@ -203,6 +214,15 @@ class Config:
         need(self.eval.train_samples >= 2, "eval.train_samples", "must be >= 2")
         need(self.eval.test_samples >= 1, "eval.test_samples", "must be >= 1")
         need(self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        need(len(self.eval.templates) > 0, "eval.templates", "must hold at least one template")
+        for i, t in enumerate(self.eval.templates):
+            bare = t.count("{}") == 1 and not set("{}") & set(t.replace("{}", "", 1))  # str.format-safe
+            need(bare, f"eval.templates[{i}]", f"{t!r}: needs one '{{}}' (the class name), no other braces")
+        names = self.eval.class_names
+        if names is not None:
+            dup = sorted({n for n in names if names.count(n) > 1})
+            need(len(names) > 0, "eval.class_names", "the class list is empty (null = the dataset's)")
+            need(not dup, "eval.class_names", f"duplicated class names {dup}: each needs a distinct name")
         need(
             self.run.peak_tflops is None or self.run.peak_tflops > 0,
             "run.peak_tflops",

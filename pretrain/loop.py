@@ -223,6 +223,8 @@ def train_loop(s: Session, progress: Progress, loader) -> Progress:
             train_time += dt
             if s.monitor is not None and s.monitor.due(step):  # every rank: the forwards are collective
                 parts.update(s.monitor.evaluate(step, train_time))  # "eval/...": in this step's one row
+                for name, image in s.monitor.pictures.items():  # two-tower similarity matrix; rank 0 writes
+                    s.logger.image(step, name, image)
             s.logger.log(step, {**metrics, **parts})
             bar.update(1)
             # packed text rows: each token sees its document, and mfu_doc is what the hardware did for the model
