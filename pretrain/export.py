@@ -10,7 +10,11 @@ OUT_DIR/encoder for the plain `ViTModel` / `SwinModel` / `Swinv2Model` (no mask 
 family, its encoder alone (no transformers MIM class holds it); any other run exports its backbone through the
 family's adapter (models/hf.py): `SwinModel`, `ConvNextModel`, ... or
 `<Family>ForImageClassification` when the backbone has a classifier head; text runs `LlamaForCausalLM` (decoder)
-or `ModernBertForMaskedLM` (encoder) with the run's tokenizer (`AutoTokenizer`). The key maps live next to the models.
+or `ModernBertForMaskedLM` (encoder) with the run's tokenizer (`AutoTokenizer`); image-text (two-tower) runs
+`CLIPModel`, `SiglipModel` or `VisionTextDualEncoderModel` (models/two_tower_hf.py picks the one that holds the
+towers exactly, or says why none does) with their processor (`AutoProcessor`: image processor + the run's
+tokenizer), so `pipeline("zero-shot-image-classification")` works on CLIP and SigLIP exports. The key maps live
+next to the models.
 Every folder also gets the run's image processor (`preprocessor_config.json`), classifiers their class names, and
 OUT_DIR a model card (README.md) and tessera.json (pretrain/hf_files.py): `pipeline(...)` works on it offline.
 """
@@ -41,6 +45,7 @@ from models.swin import SwinTransformer
 from models.swin_hf import swin_mim_from_hf, swin_mim_to_hf
 from models.swin_v2 import SwinTransformerV2
 from models.swin_v2_hf import swinv2_mim_from_hf, swinv2_mim_to_hf
+from models.two_tower_hf import hf_target, is_two_tower_config, two_tower_from_hf, two_tower_to_hf
 from models.vit import VisionTransformer
 from models.vit_hf import (
     decoder_from_hf,
@@ -59,10 +64,12 @@ from pretrain.hf_files import (
     Preprocess,
     class_names,
     final_loss,
+    image_text_model_card,
     model_card,
     set_labels,
     text_model_card,
     write_image_processor,
+    write_image_text_processor,
 )
 from pretrain.objectives.mae import MAE, MAEConfig
 from pretrain.objectives.simmim import SimMIM, SimMIMConfig
@@ -94,6 +101,8 @@ def to_hf(
     backbone = getattr(model, "backbone", model)  # objectives hold theirs as .backbone
     if getattr(backbone, "modality", "image") == "text":
         return _text_to_hf(backbone, out, data)
+    if getattr(backbone, "modality", "image") == "image_text":
+        return _two_tower_to_hf(backbone, out, data)
     pre = None if data is None else Preprocess.from_data(data)
 
     def for_pipelines(net: nn.Module) -> tuple[nn.Module, Preprocess | None]:
@@ -187,6 +196,43 @@ def _text_to_hf(backbone: nn.Module, out: Path, data: DataConfig | None) -> nn.M
     return hf
 
 
+def _two_tower_to_hf(model: nn.Module, out: Path, data: DataConfig | None) -> nn.Module:
+    """A two-tower model as CLIPModel / SiglipModel / VisionTextDualEncoderModel (ValueError naming what none
+    holds), with the run's processor (image processor + tokenizer) when `data` is given."""
+    info = None
+    if data is not None:
+        from pretrain.data.tokenizer import tokenizer_info
+
+        info = tokenizer_info(data)
+        if info is None:
+            raise ValueError(
+                f"data.dataset {data.dataset!r} has no tokenizer: not the data of an image-text run"
+            )
+        _check_tokenizer_fits(model, info)
+    ids = None
+    if info is not None:  # the config's special ids (those the model does not fix itself)
+        ids = dict(bos_token_id=info.bos_id, eos_token_id=info.eos_id, pad_token_id=info.padding_id)
+    hf = two_tower_to_hf(model, tokenizer_ids=ids)
+    hf.save_pretrained(out, safe_serialization=True)
+    if data is not None:
+        write_image_text_processor(out, hf_target(model), Preprocess.from_data(data), info, data.text_len)
+    return hf
+
+
+def _check_tokenizer_fits(model: nn.Module, info) -> None:
+    """The run's tokenizer is the one the model was built for: ids within its vocabulary, the same EOS (where CLIP
+    pools) and padding id."""
+    problems = []
+    if info.vocab_size > model.vocab_size:
+        problems.append(f"vocabulary {info.vocab_size} > the model's vocab_size {model.vocab_size}")
+    if model.eos_token_id is not None and info.eos_id != model.eos_token_id:
+        problems.append(f"EOS id {info.eos_id} != the model's eos_token_id {model.eos_token_id}")
+    if model.pad_token_id is not None and info.padding_id != model.pad_token_id:
+        problems.append(f"padding id {info.padding_id} != the model's pad_token_id {model.pad_token_id}")
+    if problems:
+        raise ValueError(f"data.tokenizer {info.path} does not fit the model: {'; '.join(problems)}")
+
+
 TESSERA_LAYOUT = "tessera_model.json"
 
 
@@ -228,8 +274,9 @@ def _from_tessera_layout(folder: Path) -> nn.Module:
 
 def from_hf(hf_dir: str | Path) -> nn.Module:
     """Build the Tessera model from an HF folder written by `to_hf`, or any folder of a supported architecture
-    (ViTMAE, {ViT,Swin,Swinv2}ForMaskedImageModeling (-> the SimMIM objective), or one a family adapter imports:
-    ViT, Swin, ConvNeXt, ...)."""
+    (ViTMAE, {ViT,Swin,Swinv2}ForMaskedImageModeling (-> the SimMIM objective), CLIPModel / SiglipModel /
+    VisionTextDualEncoderModel (-> the two-tower model), or one a family adapter imports: ViT, Swin, ConvNeXt,
+    ...)."""
     from safetensors.torch import load_file
 
     from ops.compat import import_transformers
@@ -247,6 +294,8 @@ def from_hf(hf_dir: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights")
     sd = {k: v for f in files for k, v in load_file(str(f)).items()}
     arch = (config.architectures or [""])[0]
+    if is_two_tower_config(config):  # CLIPModel, SiglipModel, VisionTextDualEncoderModel
+        return two_tower_from_hf(sd, config)
     if arch in MIM_FROM_HF:
         return _simmim_from_hf(hf_dir, arch, sd, config)
     if arch == "ViTMAEForPreTraining":
@@ -327,10 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = getattr(getattr(model, "backbone", model), "modality", "image") == "text"
-    labels = None if text else class_names(meta["data"], meta)
-    with torch.no_grad():
-        hf = to_hf(model, out, data=cfg.data, labels=labels)
+    modality = getattr(getattr(model, "backbone", model), "modality", "image")
+    text = modality == "text"
+    labels = class_names(meta["data"], meta) if modality == "image" else None
+    try:
+        with torch.no_grad():
+            hf = to_hf(model, out, data=cfg.data, labels=labels)
+    except ValueError as e:  # e.g. a two-tower model no transformers class holds: the error names why
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if (
         hf is None
     ):  # no transformers class: Tessera's safetensors layout (to_hf says why in tessera_model.json)
@@ -342,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if text:
         card = text_model_card(cfg, meta, hf, str(out), final_loss(meta))
+    elif modality == "image_text":
+        pre = Preprocess.from_data(cfg.data)
+        card = image_text_model_card(cfg, meta, hf, str(out), pre, final_loss(meta))
     else:
         labelled = set_labels(hf, labels)  # (to_hf named them already: this says whether they fit)
         card = model_card(cfg, meta, hf, str(out), Preprocess.from_data(cfg.data), labelled, final_loss(meta))

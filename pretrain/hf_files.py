@@ -65,7 +65,15 @@ def write_image_processor(folder: Path, pre: Preprocess):
     and transformers 5 loads this name as its default class."""
     from ops.compat import import_transformers
 
-    processor = import_transformers().ViTImageProcessorFast(
+    processor = import_transformers().ViTImageProcessorFast(**image_processor_kwargs(pre))
+    processor.save_pretrained(str(folder))
+    return processor
+
+
+def image_processor_kwargs(pre: Preprocess) -> dict:
+    """What every exported image processor does (ViT's, CLIP's, SigLIP's fast classes take these alike):
+    Tessera's eval transform."""
+    return dict(
         do_resize=True,
         size={"height": pre.image_size, "width": pre.image_size},
         resample=PIL_BILINEAR,
@@ -76,8 +84,6 @@ def write_image_processor(folder: Path, pre: Preprocess):
         image_std=list(pre.std),
         do_convert_rgb=pre.channels == 3,  # RGBA / gray inputs become RGB, as Tessera's converter does
     )
-    processor.save_pretrained(str(folder))
-    return processor
 
 
 def set_labels(hf_model: nn.Module, labels: list[str] | None) -> bool:
@@ -301,5 +307,197 @@ def text_model_card(cfg, meta: dict, hf_model: nn.Module, out_dir: str, loss: fl
 
 Exported by `python -m pretrain.export`; `tessera.json` holds the checkpoint's metadata and the run's data
 config. Logits equal Tessera's own to 1e-4 in fp32 (tests/test_llama.py, tests/test_modernbert.py).
+"""
+    )
+
+
+# --- image-text exports (CLIPModel, SiglipModel, VisionTextDualEncoderModel) ---------------------------------
+
+# per target: (processor class, image processor class); AutoProcessor finds the processor by config.json's
+# model_type, the image processor by preprocessor_config.json's image_processor_type
+IMAGE_TEXT_PROCESSORS = {
+    "CLIPModel": ("CLIPProcessor", "CLIPImageProcessorFast"),
+    "SiglipModel": ("SiglipProcessor", "SiglipImageProcessorFast"),
+    "VisionTextDualEncoderModel": ("VisionTextDualEncoderProcessor", "ViTImageProcessorFast"),
+}
+# captions the export's tokenizer is checked on against Tessera's data layer (one longer than any text_len here)
+PROBE_CAPTIONS = ("a photo of a cat", "Grinning Face With Smiling Eyes: naïve café, 42 times!  " * 12)
+
+
+def text_input_names(arch: str) -> list[str]:
+    """What the processor's tokenizer returns: SiglipModel gets no attention_mask, so it runs its text tower on the
+    whole padded row as Tessera does (SigLIP attends to its padding); the others get one (CLIP's causal tower pools
+    at the EOS, before any padding, so the mask changes nothing there)."""
+    return ["input_ids"] if arch == "SiglipModel" else ["input_ids", "attention_mask"]
+
+
+def image_text_tokenizer(info, text_len: int, input_names: list[str]):
+    """The run's tokenizer as a transformers tokenizer that encodes a caption exactly as Tessera's data layer does
+    ([BOS] ids EOS, cut to text_len keeping EOS last, padded with the padding id) under
+    `padding="max_length", truncation=True` (model_max_length = text_len), returning only `input_names`.
+    A folder with its own tokenizer_config.json (the CLIP BPE: CLIPTokenizerFast) keeps its class; a bare
+    tokenizer.json gets a post-processor adding BOS / EOS. RuntimeError when it still encodes differently."""
+    import os
+
+    from ops.compat import import_transformers
+    from pretrain.data.image_text import tokenize_captions
+    from pretrain.data.tokenizer import load_tokenizer
+
+    tf = import_transformers()
+    folder = os.path.dirname(info.path)
+    common = dict(
+        model_max_length=text_len,
+        model_input_names=list(input_names),
+        padding_side="right",
+        truncation_side="right",
+    )
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        tok = tf.AutoTokenizer.from_pretrained(folder, **common)
+    else:
+        from tokenizers.processors import TemplateProcessing
+
+        raw = load_tokenizer(info.path)
+        eos = raw.id_to_token(info.eos_id)
+        roles = {"eos_token": eos, "pad_token": raw.id_to_token(info.padding_id)}
+        single, special = f"$A:0 {eos}:0", [(eos, info.eos_id)]
+        if info.bos_id is not None:
+            bos = raw.id_to_token(info.bos_id)
+            single, special, roles["bos_token"] = f"{bos}:0 {single}", [(bos, info.bos_id), *special], bos
+        if info.unk_id is not None:
+            roles["unk_token"] = raw.id_to_token(info.unk_id)
+        raw.post_processor = TemplateProcessing(single=single, special_tokens=special)
+        tok = tf.PreTrainedTokenizerFast(tokenizer_object=raw, **roles, **common)
+    if tok.pad_token_id != info.padding_id:  # Tessera pads with the pad token, else EOS
+        tok.pad_token = tok.convert_ids_to_tokens(info.padding_id)
+    want = tokenize_captions(list(PROBE_CAPTIONS), info, text_len)[0].tolist()
+    got = tok(list(PROBE_CAPTIONS), padding="max_length", truncation=True)
+    if got["input_ids"] != want or sorted(got) != sorted(input_names):
+        raise RuntimeError(
+            f"{info.path}: the exported {type(tok).__name__} encodes {PROBE_CAPTIONS[0]!r} / a long caption as "
+            f"{got['input_ids']} ({sorted(got)}), Tessera's data layer as {want}: not exportable as is"
+        )
+    return tok
+
+
+def write_image_text_processor(folder: Path, arch: str, pre: Preprocess, info, text_len: int):
+    """The processor of an image-text export (CLIPProcessor / SiglipProcessor / VisionTextDualEncoderProcessor:
+    the image processor repeating the run's eval transform + the run's tokenizer), saved so that
+    `AutoProcessor.from_pretrained(folder)` loads it offline; returns it."""
+    from ops.compat import import_transformers
+
+    tf = import_transformers()
+    proc_name, image_name = IMAGE_TEXT_PROCESSORS[arch]
+    kwargs = image_processor_kwargs(pre)
+    if image_name == "CLIPImageProcessorFast":
+        kwargs["do_center_crop"] = False  # Tessera resizes to size x size, no crop
+    image = getattr(tf, image_name)(**kwargs)
+    tokenizer = image_text_tokenizer(info, text_len, text_input_names(arch))
+    processor = getattr(tf, proc_name)(image_processor=image, tokenizer=tokenizer)
+    processor.save_pretrained(str(folder))
+    return processor
+
+
+def _image_text_loading(arch: str, out: str, text_len: int) -> str:
+    """The model card's loading snippet for an image-text export."""
+    pad = 'padding="max_length", truncation=True'
+    lines = [
+        "```python",
+        "import torch",
+        "from PIL import Image",
+        f"from transformers import AutoProcessor, {arch}" + (", pipeline" if arch != TARGET_DUAL else ""),
+        "",
+        f'model = {arch}.from_pretrained("{out}")  # loads with no missing or unexpected keys',
+        f'processor = AutoProcessor.from_pretrained("{out}")',
+        'texts = ["a photo of a cat", "a photo of a dog"]',
+        'inputs = processor(text=texts, images=Image.open("image.png"), return_tensors="pt",',
+        f"                   {pad})",
+    ]
+    if arch == TARGET_DUAL:
+        lines += [
+            "with torch.no_grad():  # transformers 5: model(**inputs).logits_per_image gives the same",
+            "    image = model.visual_projection(model.vision_model(pixel_values=inputs.pixel_values).pooler_output)",
+            "    text = model.text_projection(model.text_model(input_ids=inputs.input_ids,",
+            "                                                  attention_mask=inputs.attention_mask).pooler_output)",
+            "    image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)",
+            "    probs = (model.logit_scale.exp() * image @ text.T).softmax(-1)",
+            "```",
+            "",
+            "transformers 4.x's `VisionTextDualEncoderModel.forward` passes `token_type_ids` to its text tower, which "
+            "`CLIPTextModel` rejects: call the towers and projections as above (what the forward computes). It has no "
+            "zero-shot pipeline.",
+        ]
+        return "\n".join(lines)
+    sigmoid = arch == "SiglipModel"
+    lines += [
+        "with torch.no_grad():",
+        f"    probs = model(**inputs).logits_per_image.{'sigmoid()' if sigmoid else 'softmax(-1)'}",
+        f'classify = pipeline("zero-shot-image-classification", model="{out}")',
+    ]
+    if sigmoid and text_len != SIGLIP_PIPELINE_LEN:  # (transformers 4.x; 5.x ignores tokenizer_kwargs)
+        lines.append(
+            f'print(classify("image.png", candidate_labels=["cat", "dog"], tokenizer_kwargs={{"padding": '
+            f'"max_length", "max_length": {text_len}, "truncation": True}}))'
+        )
+    else:
+        lines.append('print(classify("image.png", candidate_labels=["cat", "dog"]))')
+    lines.append("```")
+    text = "\n".join(lines)
+    if sigmoid:
+        text += (
+            f"\n\nSiglipModel pools its text tower at the last position: pad every caption to the run's {text_len} "
+            'tokens (`padding="max_length"`) and pass no attention_mask (the processor returns none). '
+        )
+        if text_len == SIGLIP_PIPELINE_LEN:
+            text += f"The pipeline pads its prompts to {SIGLIP_PIPELINE_LEN} tokens, the run's length."
+        else:
+            text += (
+                f"The pipeline pads its prompts to {SIGLIP_PIPELINE_LEN} tokens unless told the run's {text_len}: "
+                "transformers 4.x takes `tokenizer_kwargs` as above; transformers 5 ignores them, so there score "
+                "with the processor and the model as above."
+            )
+    return text
+
+
+SIGLIP_PIPELINE_LEN = 64  # transformers' zero-shot pipeline pads SigLIP prompts to this many tokens
+TARGET_DUAL = "VisionTextDualEncoderModel"
+
+
+def image_text_model_card(
+    cfg, meta: dict, hf_model: nn.Module, out_dir: str, pre: Preprocess, loss: float | None
+) -> str:
+    """README.md of an image-text export: what was trained, its inputs and how to load it, from the run."""
+    from pretrain.objectives import objective_name
+
+    arch = type(hf_model).__name__
+    objective = objective_name(cfg.objective)
+    obj_args = ", ".join(f"{k}={v}" for k, v in vars(cfg.objective).items())
+    n_params = sum(p.numel() for p in hf_model.parameters())
+    data = cfg.data
+    task = "feature-extraction" if arch == TARGET_DUAL else "zero-shot-image-classification"
+    loss_text = f"{loss:.4f} at step {meta['step']}" if loss is not None else "not recorded"
+    batch = meta["samples_seen"] // meta["step"] if meta.get("step") else None
+    note = ""
+    if objective == "filip":
+        note = (
+            "\n\nFILIP trained token-wise similarities (late interaction over patch and word tokens); "
+            f"{arch} scores the pooled embeddings, which the FILIP loss did not train directly.\n"
+        )
+    return (
+        _card_head(cfg, task, objective, n_params)
+        + f"""`{out_dir}` ({arch}) |
+| objective | `{objective}` ({obj_args}) |
+| data | `{data.dataset}`, split `{data.split}`: image-caption pairs |
+| images | {pre.describe()}: `preprocessor_config.json` does this |
+| captions | the run's tokenizer: [BOS] ids EOS, cut to {data.text_len} tokens keeping EOS last, padded to {data.text_len} |
+| training | {meta["step"]:,} optimizer steps, {meta["samples_seen"]:,} pairs seen{f", {batch:,} per step" if batch else ""}, {meta.get("world_size", 1)} rank(s), engine `{meta.get("engine")}` ZeRO-{meta.get("zero_stage", 0)} {meta.get("precision")} |
+| final loss | {loss_text} |
+| checkpoint | `{meta["checkpoint"]}` |
+
+## How to load
+
+{_image_text_loading(arch, out_dir, data.text_len)}
+{note}
+Exported by `python -m pretrain.export`; `tessera.json` holds the checkpoint's metadata and the run's data
+config. Image and text embeddings and logits equal Tessera's own to 1e-5 in fp32 (tests/test_two_tower_export.py).
 """
     )

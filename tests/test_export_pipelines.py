@@ -229,3 +229,66 @@ def test_python_api_writes_the_processor_when_given_the_data(tmp_path):
     proc = json.loads((tmp_path / "ready" / "preprocessor_config.json").read_text())
     assert proc["size"] == {"height": 16, "width": 16} and proc["image_mean"] == [0.3053] * 3
     assert json.loads((tmp_path / "ready" / "config.json").read_text())["num_channels"] == 3
+
+
+# ---- image-text: a CLIP run's export and transformers' zero-shot pipeline -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_export(tmp_path_factory):
+    """configs/clip_tiny.yaml trained 2 steps on 64 emoji pairs, exported through the CLI (CLIPModel + processor)."""
+    from pretrain.data import DataConfig, convert
+
+    tmp = tmp_path_factory.mktemp("clip")
+    shards, run, out = tmp / "emoji64", tmp / "run", tmp / "hf"
+    convert("emoji", "train", str(shards), max_samples=64, data=DataConfig(dataset="emoji"))
+    args = [
+        str(ROOT / "configs" / "clip_tiny.yaml"),
+        *("--set", f"run.output_dir={run}", "--set", f"data.local={shards}", "--set", "data.max_samples=64"),
+        *("--set", "run.progress=false", "--set", "train.max_steps=2", "--set", "checkpoint.interval=2"),
+    ]
+    assert main(args) == 0
+    assert export.main([str(run), str(out)]) == 0
+    return run, out
+
+
+@pytest.mark.slow  # ~30 s: emoji conversion, 2 training steps, and a fresh Python importing transformers
+def test_zero_shot_pipeline_on_a_clip_export(clip_export, tmp_path):
+    """pipeline("zero-shot-image-classification") on the export, offline in a plain Python, scores an emoji
+    render against the emoji groups as Tessera's model does (its eval transform; the pipeline's prompts tokenized
+    by Tessera's data layer; softmax of the scaled cosine similarities)."""
+    from pretrain.data import DataConfig, tokenize_captions, tokenizer_info
+
+    run, out = clip_export
+    sample = next(iter(get_dataset("emoji").samples("test", max_samples=1)))
+    png = tmp_path / "emoji.png"
+    sample["image"].resize((32, 32), Image.BILINEAR).save(
+        png
+    )  # the model's size: the processor does not resize
+    labels = get_dataset("emoji").class_names("train")
+    theirs = fresh_python(
+        "import json\nfrom transformers import AutoProcessor, CLIPModel, pipeline\n"
+        f"out, png = {str(out)!r}, {str(png)!r}\n"
+        "_, info = CLIPModel.from_pretrained(out, output_loading_info=True)\n"
+        "proc = AutoProcessor.from_pretrained(out)\n"
+        f"scores = pipeline('zero-shot-image-classification', model=out)(png, candidate_labels={labels!r})\n"
+        "print(json.dumps({'info': info, 'processor': type(proc).__name__, 'scores': scores}))",
+        tmp_path,
+    )
+    assert not any(theirs["info"].values()), theirs["info"]
+    assert theirs["processor"] == "CLIPProcessor"
+    model, meta, cfg = export.load_checkpoint_model(run, with_config=True)
+    tower = model.backbone
+    prompts = [f"This is a photo of {label}." for label in labels]  # the pipeline's default template
+    ids, mask, _ = tokenize_captions(prompts, tokenizer_info(DataConfig(dataset="emoji")), cfg.data.text_len)
+    with torch.no_grad():
+        image = tower.encode_image(tessera_pixels(png, 32, "emoji"))
+        probs = (tower.scale_and_bias()[0] * image @ tower.encode_text(ids, mask).T).softmax(-1)[0]
+    assert sorted(s["label"] for s in theirs["scores"]) == sorted(labels)
+    for s in theirs["scores"]:
+        assert s["score"] == pytest.approx(probs[labels.index(s["label"])].item(), abs=1e-5)
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: zero-shot-image-classification" in card and "`clip`" in card
+    assert f'CLIPModel.from_pretrained("{out}")' in card and "zero-shot-image-classification" in card
+    assert f"cut to {cfg.data.text_len} tokens keeping EOS last" in card
+    assert json.loads((out / "tessera.json").read_text())["step"] == meta["step"] == 2

@@ -13,6 +13,10 @@ Text families (adapter model_cls.modality == "text": Llama, ModernBERT) are expo
 `python -m pretrain.export` exports them, with the run's tokenizer (`to_hf(..., data=text_data())`): their cases
 also check AutoTokenizer against Tessera's tokenizer and transformers' text-generation / fill-mask pipeline
 against Tessera's model.
+Two-tower models (family "two_tower": CLIPModel, SiglipModel, VisionTextDualEncoderModel with each of its image
+towers) are exported as an image-text run's export is, with the processor (`to_hf(..., data=image_text_data())`):
+their cases compare the normalized embeddings and logits, the image processor, the tokenizer and, for CLIP and
+SigLIP, transformers' zero-shot-image-classification pipeline (`two_tower_cases`).
 """
 
 from __future__ import annotations
@@ -90,6 +94,13 @@ def export_targets() -> list[ExportTarget]:
         for name in family_test_models(family)
         for variant, kwargs in TEXT_VARIANTS.get(family, {"text": {}}).items()
     ]
+    # image-text: what `python -m pretrain.export` writes for a two-tower run (model, processor, tokenizer)
+    targets += [
+        ExportTarget(
+            f"two_tower/{name}/{variant}", "two_tower", partial(_two_tower, name, tower), two_tower_cases
+        )
+        for variant, (name, tower) in TWO_TOWER_VARIANTS.items()
+    ]
     return targets
 
 
@@ -132,6 +143,53 @@ def _text(name: str, kwargs: dict) -> nn.Module:
     info = ensure_tokenizer(text_data())
     torch.manual_seed(0)
     return trained_like(create_model(name, vocab_size=info.vocab_size, **kwargs))
+
+
+# variant: (two-tower size, image tower at its smoke size or None for the size's own); the dual encoder takes
+# every family whose transformers *Model pools as Tessera does (models.two_tower_hf.DUAL_IMAGE_TOWERS)
+TWO_TOWER_VARIANTS = {
+    "clip": ("clip_test", None),
+    "siglip": (
+        "siglip_test",
+        None,
+    ),  # captions of 64 tokens (SIGLIP_TEXT_LEN), as the zero-shot pipeline pads
+    **{
+        f"dual-{t}": ("clip_test", t)
+        for t in ("vit_test_patch4", "swin_test", "swinv2_test", "convnext_test")
+    },
+    "dual-convnextv2_test": ("clip_test", "convnextv2_test"),
+}
+TWO_TOWER_TEXT_LEN = 16
+# transformers' zero-shot pipeline pads SigLIP prompts to 64 tokens (5.x ignores tokenizer_kwargs), and SiglipModel
+# pools the last position: exact for a run whose captions are 64 tokens, SigLIP's own length
+SIGLIP_TEXT_LEN = 64
+
+
+def text_len_of(name: str) -> int:
+    return SIGLIP_TEXT_LEN if name.startswith("siglip") else TWO_TOWER_TEXT_LEN
+
+
+def image_text_data(image_size: int, text_len: int = TWO_TOWER_TEXT_LEN):
+    """An image-text run's data config: emoji pairs, the CLIP BPE tokenizer, captions of `text_len` tokens."""
+    from pretrain.data.config import DataConfig
+
+    return DataConfig(dataset="emoji", image_size=image_size, text_len=text_len)
+
+
+def _two_tower(name: str, image_tower: str | None) -> nn.Module:
+    """A two-tower model at its smoke size, sized for the run's tokenizer as pretrain/build.py does, perturbed."""
+    from pretrain.data.tokenizer import tokenizer_info
+
+    info = tokenizer_info(image_text_data(32))
+    args = dict(MODELS.get(name).smoke)
+    if image_tower is not None:
+        tower = dict(MODELS.get(image_tower).smoke)
+        args.update(image_tower=image_tower, img_size=tower.pop("img_size", 32), image_kwargs=tower)
+    causal = name.startswith("clip")
+    args.update(vocab_size=info.vocab_size, context_length=text_len_of(name), pad_token_id=info.padding_id)
+    args["eos_token_id"] = info.eos_id if causal else None
+    torch.manual_seed(0)
+    return trained_like(create_model(name, **args))
 
 
 def simmim_test_models() -> list[str]:
@@ -190,14 +248,18 @@ class CaseWriter:
         loads: list[dict],
         ours: dict[str, torch.Tensor],
         fields: Callable[[nn.Module], dict[str, str]],
+        forward_457: Callable | None = None,
     ) -> dict:
         """One manifest case. `ours`: Tessera's tensors by name; `fields(hf_model)`: output field -> name in
-        `ours` for that HF class. Compared are the fields the 4.57 model returns (not None)."""
+        `ours` for that HF class. Compared are the fields the 4.57 model returns (not None); `forward_457(hf,
+        inputs)` stands in for the 4.57 forward where that one cannot run (transformers 5 runs the forward)."""
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
         for load in loads:
             load.setdefault("kwargs", {})
             load.setdefault("allow_unexpected", [])
-            load["inputs"], load["outputs"] = self._cross_check(name, folder, inputs, load, ours, fields)
+            load["inputs"], load["outputs"] = self._cross_check(
+                name, folder, inputs, load, ours, fields, forward_457
+            )
         case = dict(
             name=name,
             folder=str(folder),
@@ -210,7 +272,7 @@ class CaseWriter:
             self._image(case, folder, stem, ours)
         return case
 
-    def _cross_check(self, name, folder, inputs, load, ours, fields):
+    def _cross_check(self, name, folder, inputs, load, ours, fields, forward_457=None):
         cls = getattr(tf, load["cls"])
         hf, info = cls.from_pretrained(folder, output_loading_info=True, **load["kwargs"])
         hf = hf.float().eval()
@@ -221,7 +283,7 @@ class CaseWriter:
         params = inspect.signature(hf.forward).parameters
         used = [k for k in inputs if k in params]
         with torch.no_grad():
-            out = hf(**{k: inputs[k] for k in used})
+            out = (forward_457 or (lambda m, kw: m(**kw)))(hf, {k: inputs[k] for k in used})
         outputs = {}
         for field, key in fields(hf).items():
             got = getattr(out, field, None)
@@ -247,7 +309,10 @@ class CaseWriter:
         ):  # then tf5_check.py fails too: this folder has no image
             self.problems.append(f"{case['name']}: preprocessor_config.json has no image_mean/image_std")
             return
-        size, chans = int(pp["size"]["height"]), int(cfg["num_channels"])  # the processor's own size
+        # image-text models keep it in vision_config, and leave transformers' default (3) unsaved
+        vision = cfg.get("vision_config", {})
+        chans = int(cfg.get("num_channels", vision.get("num_channels", 3)))
+        size = int(pp["size"]["height"])  # the processor's own size
         g = torch.Generator().manual_seed(7)
         pixels = torch.randint(0, 256, (size, size, chans), generator=g, dtype=torch.uint8).numpy()
         png = self.root / "tensors" / f"{stem}.png"
@@ -275,17 +340,25 @@ class CaseWriter:
         return png
 
     def pipeline(
-        self, case: dict, task: str, png: Path, want: torch.Tensor, labels: list[str] | None
+        self,
+        case: dict,
+        task: str,
+        png: Path,
+        want: torch.Tensor,
+        labels: list[str] | None,
+        call_kwargs: dict | None = None,
     ) -> None:
         """Add transformers' `task` pipeline on `png` to the case: classification scores by label must be `want`
-        (probabilities, in label order), feature extraction must give `want`. Cross-checked here in 4.57."""
+        (probabilities, in label order; zero-shot: over `labels` as candidates), feature extraction must give
+        `want`; `call_kwargs` go to the call too. Cross-checked here in 4.57."""
         from safetensors.torch import load_file
 
         case["expected"] = self.save(
             {**load_file(case["expected"]), "pipeline": want}, Path(case["expected"]).stem
         )
         case["pipeline"] = dict(task=task, png=str(png), expected="pipeline", labels=labels, atol=ATOL)
-        got = tf.pipeline(task, model=case["folder"])(str(png), **({"top_k": len(labels)} if labels else {}))
+        case["pipeline"]["kwargs"] = kwargs = pipeline_kwargs(task, labels, call_kwargs)
+        got = tf.pipeline(task, model=case["folder"])(str(png), **kwargs)
         what = f"{case['name']}: 4.57 pipeline({task!r})"
         if labels:
             if sorted(d["label"] for d in got) != sorted(labels):
@@ -413,6 +486,15 @@ def backbone_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
 
 GRAY_DATA = "digits"  # a 1-channel dataset: the pipeline exports' data config
 LABELS = [f"class {i}" for i in range(7)]
+
+
+def pipeline_kwargs(task: str, labels: list[str] | None, extra: dict | None = None) -> dict:
+    """A pipeline call's keyword arguments: every label scored (top_k; zero-shot: the candidate labels)."""
+    kwargs = {}
+    if labels:
+        zero_shot = task == "zero-shot-image-classification"
+        kwargs = {"candidate_labels": labels} if zero_shot else {"top_k": len(labels)}
+    return {**kwargs, **(extra or {})}
 
 
 def pipeline_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
@@ -543,6 +625,81 @@ def text_pipeline_spec(model: nn.Module, info) -> tuple[dict, torch.Tensor | Non
         generated_text=PROMPT + tok.decode(seq[len(prompt) :], skip_special_tokens=True),
     )
     return spec, None, problems
+
+
+ZERO_SHOT_LABELS = ["grinning face", "red heart", "thumbs up", "cat face"]
+ZERO_SHOT_TEMPLATE = "This is a photo of {}."  # the pipeline's default hypothesis_template
+CAPTION = "Grinning Face With Smiling Eyes: naïve café"
+
+
+def two_tower_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
+    """An image-text run's export (model + processor, `to_hf(..., data=image_text_data())`): the target class and
+    AutoModel give Tessera's normalized image_embeds, text_embeds and logits_per_image on random images and padded
+    captions (SigLIP without attention_mask, as its processor gives none); the image processor, and the tokenizer
+    on a caption (ids: Tessera's data layer, [BOS] ids EOS; the decoding 4.57's export gives); CLIP and SigLIP
+    also transformers' zero-shot pipeline, scored by Tessera's model (CLIP: softmax; SigLIP: sigmoid)."""
+    from types import SimpleNamespace
+
+    from models.two_tower_hf import hf_embeddings, hf_target, tessera_embeddings
+    from pretrain.data.image_text import caption_ids, tokenize_captions
+    from pretrain.data.tokenizer import tokenizer_info
+
+    size, text_len = model.img_size, model.context_length
+    data = image_text_data(size, text_len)
+    info = tokenizer_info(data)
+    to_hf(model, folder, data=data)
+    target = hf_target(model)
+    g = torch.Generator().manual_seed(3)
+    texts = [
+        "a photo of a cat",
+        "grinning face",
+        "face with tears of joy, " * 5,
+    ]  # the last is cut to text_len
+    ids, mask, _ = tokenize_captions(texts, info, text_len)
+    x = torch.randn(2, 3, size, size, generator=g)
+    siglip = target == "SiglipModel"
+    ours = tessera_embeddings(model, x, ids, mask)
+    inputs = {"pixel_values": x, "input_ids": ids, **({} if siglip else {"attention_mask": mask})}
+
+    def fields(hf: nn.Module) -> dict[str, str]:
+        return {k: k for k in ours}
+
+    forward_457 = None
+    if (
+        target == "VisionTextDualEncoderModel"
+    ):  # 4.57 passes token_type_ids to CLIPTextModel (models/two_tower_hf)
+        forward_457 = lambda hf, kw: SimpleNamespace(  # noqa: E731
+            **hf_embeddings(hf, kw["pixel_values"], kw["input_ids"], kw.get("attention_mask"))
+        )
+    case = writer.case(writer.name(folder), folder, inputs, standard_loads(folder), ours, fields, forward_457)
+    caption = caption_ids([CAPTION], info)[0]
+    case["tokenizer"] = dict(
+        text=CAPTION,
+        ids=caption,
+        decoded=tf.AutoTokenizer.from_pretrained(folder).decode(caption),
+        special_ids={"bos": info.bos_id, "eos": info.eos_id, "pad": info.padding_id},
+    )
+    got = tf.AutoTokenizer.from_pretrained(folder)(CAPTION)["input_ids"]
+    if got != caption:
+        writer.problems.append(f"{case['name']}: 4.57 AutoTokenizer ids {got} != Tessera's {caption}")
+    if target == "VisionTextDualEncoderModel":  # no zero-shot pipeline for it
+        return [case]
+    from PIL import Image
+
+    from pretrain.data.transforms import ImageTransform
+
+    png = writer.root / "tensors" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', case['name'])}.rgb.png"
+    pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels, "RGB").save(png)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    with Image.open(png) as im:
+        image = ImageTransform(size, tuple(pre["image_mean"]), tuple(pre["image_std"]))(im).unsqueeze(0)
+    prompts = [ZERO_SHOT_TEMPLATE.format(label) for label in ZERO_SHOT_LABELS]
+    p_ids, p_mask, _ = tokenize_captions(prompts, info, text_len)
+    logits = tessera_embeddings(model, image, p_ids, p_mask)["logits_per_image"][0]
+    want = logits.sigmoid() if siglip else logits.softmax(-1)
+    writer.pipeline(case, "zero-shot-image-classification", png, want, ZERO_SHOT_LABELS)
+    return [case]
 
 
 def mae_cases(mae: nn.Module, folder: Path, writer: CaseWriter) -> list[dict]:
@@ -744,7 +901,14 @@ def test_every_export_target_is_enumerated():
                 assert {t.cases for t in targets if t.family == family} == {text_cases}, family
             else:
                 assert {f"{family}/{model}/classes={n}" for n in (0, 7)} <= names, family
-    assert {t.family for t in targets} == {*HF_ADAPTERS.names(), "mae", "simmim"}
+    assert {t.family for t in targets} == {*HF_ADAPTERS.names(), "mae", "simmim", "two_tower"}
+    # image-text: every target of models/two_tower_hf.py, the dual encoder with each of its image tower families
+    from models.two_tower_hf import DUAL_IMAGE_TOWERS, TARGETS, hf_target
+
+    two = [t.build() for t in targets if t.family == "two_tower"]
+    assert {hf_target(m) for m in two} == set(TARGETS)
+    dual = {type(m.visual) for m in two if hf_target(m) == "VisionTextDualEncoderModel"}
+    assert dual == set(DUAL_IMAGE_TOWERS)
     assert {t.family for t in targets if t.name.endswith("/pipeline")} == {*image_families(), "mae", "simmim"}
     # SimMIM: every family with a transformers MIM class (ViT, Swin, Swin V2)
     mim = {MODELS.get(t.name.split("/")[1]).builds for t in targets if t.family == "simmim"}

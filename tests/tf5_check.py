@@ -215,9 +215,8 @@ def run_pipeline(case: dict, expected: dict) -> tuple[float, list[str]]:
     if "text" in spec:
         return run_text_pipeline(case, expected)
     labels = spec.get("labels")
-    out = transformers.pipeline(spec["task"], model=case["folder"])(
-        spec["png"], **({"top_k": len(labels)} if labels else {})
-    )
+    kwargs = spec.get("kwargs", {"top_k": len(labels)} if labels else {})  # zero-shot: candidate_labels
+    out = transformers.pipeline(spec["task"], model=case["folder"])(spec["png"], **kwargs)
     name = f"pipeline({spec['task']!r})"
     if labels:
         if sorted(d["label"] for d in out) != sorted(labels):
