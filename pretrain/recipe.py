@@ -11,6 +11,8 @@
 4. fine-tunes the same architecture with `classify` twice at the same budget (the `--finetune` config): from the
    pretrained weights (`model.init_from`) and from scratch, and scores both classifiers on the whole test split.
 Prints one table and writes RUN/recipe.json. `--set` overrides go to the pretraining run only.
+An image-text (two-tower) config replaces steps 3-4 by python -m pretrain.clip_eval: held-out image<->text
+retrieval and zero-shot accuracy of the trained model, a random-init one and chance.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pretrain.build import load_config
+from pretrain.build import load_config, model_modality
 
 FINETUNE = "configs/finetune_fmnist.yaml"
 
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     pre_cfg = load_config(args.config, args.set)  # a bad config fails here, before any work
-    load_config(args.finetune)
+    image_text = model_modality(pre_cfg.model.name) == "image_text"
+    if not image_text:
+        load_config(args.finetune)
     run = Path(pre_cfg.run.output_dir)
     t0 = time.time()
     _run(train_cmd(args.config, args.ranks, args.set))
@@ -109,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         _run([sys.executable, "-m", "pretrain.export", str(run), args.export, "--overwrite"])
         probed = Path(args.export)
+    if image_text:  # a two-tower run: held-out retrieval and zero-shot vs random init and chance
+        _run([sys.executable, "-m", "pretrain.clip_eval", str(run)])
+        scores = json.loads((run / "clip_eval.json").read_text())
+        results = {"config": args.config, "pretrain_seconds": round(t_pre, 1), "clip_eval": scores}
+        (run / "recipe.json").write_text(json.dumps(results, indent=1))
+        print(
+            f"[recipe] {args.config}: training {t_pre:.0f} s (scores above: python -m pretrain.clip_eval {run})"
+        )
+        return 0
     n = str(args.probe_samples)
     probe_json = run / "probe.json"
     _run(
