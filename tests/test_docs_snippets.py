@@ -27,8 +27,8 @@ SNIPPETS = [
 def workdir(tmp_path_factory, digits_shards):
     """out/demo_hf (an MAE export, as scripts/demo.sh makes), out/classify_hf and out/swin_hf (classification
     exports, as README and docs/backbones.md make), out/clm_tiny_hf and out/mlm_tiny_hf (text exports, as
-    docs/text.md makes), out/simmim_swin_hf (a SimMIM export, as docs/mim.md makes), from a few steps of the tiny
-    configs."""
+    docs/text.md makes), out/simmim_swin_hf (a SimMIM export, as docs/mim.md makes), out/clip_tiny_hf (a CLIPModel
+    export, as docs/contrastive.md makes), from a few steps of the tiny configs."""
     root = tmp_path_factory.mktemp("docs")
     classify = str(ROOT / "configs" / "classify_tiny.yaml")
     runs = {"demo_hf": tiny_args(root / "runs" / "demo_hf", digits_shards, "train.max_steps=2")}
@@ -53,6 +53,17 @@ def workdir(tmp_path_factory, digits_shards):
         "run.progress=false",
     ]
     runs["simmim_swin_hf"] += ["--set", f"data.local={digits_shards}"]  # docs/mim.md
+    runs["clip_tiny_hf"] = [
+        str(ROOT / "configs" / "clip_tiny.yaml"),
+        "--set",
+        "train.max_steps=2",
+    ]  # contrastive.md
+    runs["clip_tiny_hf"] += [
+        "--set",
+        f"run.output_dir={root / 'runs' / 'clip_tiny_hf'}",
+        "--set",
+        "run.progress=false",
+    ]
     for out, args in runs.items():
         assert main(args) == 0
         assert export.main([str(root / "runs" / out), str(root / "out" / out)]) == 0
