@@ -34,6 +34,7 @@ CASES = {
     "clip_local": ("clip", lambda: ClipLoss(local_loss=True), False, False),
     "clip_local_bias": ("clip", lambda: ClipLoss(local_loss=True), True, False),
     "clip_global": ("clip", lambda: ClipLoss(local_loss=False), True, False),
+    "clip_local_chunked": ("clip", lambda: ClipLoss(local_loss=True, chunk_size=4), True, False),  # b=6: 4+2
     "siglip_ring": ("siglip", lambda: SigLipLoss("ring"), True, False),
     "siglip_gather": ("siglip", lambda: SigLipLoss("gather"), True, False),
     "siglip_ring_chunked": ("siglip", lambda: SigLipLoss("ring", chunk_size=3), True, False),  # b=4: 3+1
@@ -280,6 +281,18 @@ def test_siglip_chunked_is_exact_for_large_logits():
     for a, b in zip(_loss_and_grads(SigLipLoss(chunk_size=2), x, y, scale, bias), want):
         torch.testing.assert_close(a, b, **TOL)
     torch.testing.assert_close(want[0], ref_siglip(x, y, scale, bias), **TOL)
+
+
+def test_clip_chunked_equals_unchunked():
+    x, y = _leaves(7, 1, (E,), (E,))
+    scale = torch.tensor(11.0, dtype=torch.float64, requires_grad=True)
+    want = _loss_and_grads(ClipLoss(), x, y, scale)
+    for chunk in (1, 3, 7, 10):  # 3: uneven last chunk (3 + 3 + 1)
+        got = _loss_and_grads(ClipLoss(chunk_size=chunk), x, y, scale)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **TOL, msg=f"chunk {chunk}")
+    with pytest.raises(ValueError, match="local_loss"):
+        ClipLoss(local_loss=False, chunk_size=2)
 
 
 def test_filip_chunked_equals_unchunked():

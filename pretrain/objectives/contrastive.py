@@ -43,10 +43,16 @@ class ClipConfig:
     # FLIP: this fraction of the image tower's patches is dropped at random per sample and step during training
     # (ViT towers; none at eval). 0.5 halves the image tower's work.
     patch_dropout: float = 0.0
-    chunk_size: int = 0  # unused by CLIP (kept for one config shape across the three objectives)
+    # > 0 (with local_loss): the loss takes the local rows in blocks of this many, each block's logits recomputed
+    # in backward, so its memory is O(chunk x N), not O(b x N): with GradCache on one rank b = N.
+    chunk_size: int = 0
 
     def validate(self) -> None:
         _check_common(self)
+        if self.chunk_size and not self.local_loss:
+            raise ConfigError(
+                "objective.chunk_size: chunks the local rows of the loss; it needs local_loss: true"
+            )
 
 
 @dataclass
@@ -207,7 +213,7 @@ class Clip(Contrastive):
     Config = ClipConfig
 
     def __init__(self, backbone: nn.Module, cfg: ClipConfig):
-        super().__init__(backbone, cfg, ClipLoss(local_loss=cfg.local_loss))
+        super().__init__(backbone, cfg, ClipLoss(local_loss=cfg.local_loss, chunk_size=cfg.chunk_size))
 
     def loss_of(self, feats, scale, bias):
         return self.loss_fn(feats["image"], feats["text"], scale, bias)

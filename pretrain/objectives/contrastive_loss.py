@@ -158,9 +158,15 @@ class ClipLoss(nn.Module):
     so its gradient is 0, but a SigLIP-initialised model can share the code path.
     """
 
-    def __init__(self, local_loss: bool = True):
+    def __init__(self, local_loss: bool = True, chunk_size: int = 0):
         super().__init__()
-        self.local_loss = local_loss
+        if not isinstance(chunk_size, int) or chunk_size < 0:
+            raise ValueError(
+                f"ClipLoss chunk_size: must be an int >= 0 (0 = no chunking), got {chunk_size!r}"
+            )
+        if chunk_size and not local_loss:
+            raise ValueError("ClipLoss chunk_size: chunks the local rows; it needs local_loss=True")
+        self.local_loss, self.chunk_size = local_loss, chunk_size
 
     def forward(self, image_features, text_features, scale, bias=None) -> torch.Tensor:
         _check_pair("ClipLoss", image_features, text_features, ndim=2)
@@ -168,6 +174,11 @@ class ClipLoss(nn.Module):
         b = image_features.shape[0]
         img_all = _wide(all_gather_with_grad(image_features))  # (N, E)
         txt_all = _wide(all_gather_with_grad(text_features))  # (N, E)
+        if self.local_loss and self.chunk_size:  # rows in blocks, each recomputed in backward: O(chunk x N)
+            labels = _local_labels(b, rank, image_features.device)  # (b,)
+            i2t = _ce_rows(_wide(image_features), txt_all, labels, scale, bias, self.chunk_size)
+            t2i = _ce_rows(_wide(text_features), img_all, labels, scale, bias, self.chunk_size)
+            return 0.5 * (i2t + t2i) / b
         if self.local_loss:
             labels = _local_labels(b, rank, image_features.device)  # (b,)
             logits_i2t = _logits(_wide(image_features), txt_all, scale, bias)  # (b, N)
@@ -177,6 +188,22 @@ class ClipLoss(nn.Module):
             logits_i2t = _logits(img_all, txt_all, scale, bias)  # (N, N)
             logits_t2i = logits_i2t.T  # (N, N)
         return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+
+def _ce_block(q: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, scale, bias) -> torch.Tensor:
+    return F.cross_entropy(_logits(q, keys, scale, bias), labels, reduction="sum")
+
+
+def _ce_rows(q, keys, labels, scale, bias, chunk: int) -> torch.Tensor:
+    """Σ over rows of CE(scale·q·keysᵀ + bias, labels), `chunk` rows at a time, each block's (chunk, N) logits
+    recomputed in backward (torch.utils.checkpoint): memory O(chunk·N) instead of O(b·N)."""
+    total = q.new_zeros(())
+    for i in range(0, q.shape[0], chunk):
+        part = checkpoint(
+            _ce_block, q[i : i + chunk], keys, labels[i : i + chunk], scale, bias, use_reentrant=False
+        )
+        total = total + part
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- SigLIP
