@@ -32,6 +32,7 @@ from models import (  # noqa: F401
     llama,
     llama_hf,
     maxvit,  # no transformers twin: models/maxvit_timm.py maps it to timm's reference, for tests and benchmarks
+    mobilenet_v2,  # no HF adapter: torchvision's state-dict layout, tested against torchvision
     modernbert,
     modernbert_hf,
     poolformer,

