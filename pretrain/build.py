@@ -82,7 +82,7 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     tokenizer = tokenizer_of(cfg) if is_text_model(cfg.model.name) else None
-    return build_objective(cfg.objective, backbone, tokenizer=tokenizer, seed=cfg.seed)
+    return build_objective(cfg.objective, backbone, tokenizer=tokenizer, seed=cfg.seed, data=cfg.data)
 
 
 def example_batch(cfg: Config, batch_size: int, device: torch.device | str = "cpu") -> dict:
@@ -178,7 +178,7 @@ def check_config(cfg: Config) -> Config:
                 f"{type(backbone).__name__}); objectives that can: {', '.join(objectives_for(backbone))}"
             )
         try:
-            build_objective(cfg.objective, backbone, tokenizer=tokenizer, seed=cfg.seed)
+            build_objective(cfg.objective, backbone, tokenizer=tokenizer, seed=cfg.seed, data=cfg.data)
         except ConfigError:
             raise
         except (TypeError, ValueError) as e:

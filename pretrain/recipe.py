@@ -11,6 +11,8 @@
 4. fine-tunes the same architecture with `classify` twice at the same budget (the `--finetune` config): from the
    pretrained weights (`model.init_from`) and from scratch, and scores both classifiers on the whole test split.
 Prints one table and writes RUN/recipe.json. `--set` overrides go to the pretraining run only.
+A distill config replaces steps 3-4 by the probe of the distilled student, a random-init one, raw pixels and the
+teacher itself (its pooled features on the same images).
 An image-text (two-tower) config replaces steps 3-4 by python -m pretrain.clip_eval: held-out image<->text
 retrieval and zero-shot accuracy of the trained model, a random-init one and chance.
 """
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     n = str(args.probe_samples)
+    if type(pre_cfg.objective).__name__ == "DistillConfig":  # the student next to its teacher; no fine-tune
+        return _distill_report(args, pre_cfg, run, probed, t_pre)
     probe_json = run / "probe.json"
     _run(
         [sys.executable, "-m", "pretrain.probe", str(probed), "--json", str(probe_json)]
@@ -149,6 +153,80 @@ def main(argv: list[str] | None = None) -> int:
     (run / "recipe.json").write_text(json.dumps(results, indent=1))
     print(summary(results))
     return 0
+
+
+def teacher_probe(cfg, train_samples: int, test_samples: int) -> dict:
+    """Linear probe and kNN of the run's teacher's pooled features on the probe's images (the student's eval
+    preprocessing, converted to the teacher's as in training)."""
+    import dataclasses
+
+    from pretrain.objectives.distill import load_configured_teacher, student_input
+    from pretrain.probe import load_eval_images, score
+
+    if not cfg.objective.teacher:
+        return {}
+    teacher = load_configured_teacher(cfg.objective, cfg.data)
+    data = dataclasses.asdict(cfg.data)
+    tr_x, tr_y, te_x, te_y = load_eval_images(data, None, cfg.data.image_size, train_samples, test_samples)
+    pre = student_input(cfg.data)
+
+    def feats(x):
+        return torch.cat([teacher(x[i : i + 256], pre)["features"] for i in range(0, len(x), 256)])
+
+    out = score(feats(tr_x), tr_y, feats(te_x), te_y)
+    return {
+        "teacher": out["linear_probe"],
+        "teacher_knn": out["knn"],
+        "teacher_parameters": sum(p.numel() for p in teacher.net.parameters()),
+    }
+
+
+def _distill_report(args, cfg, run: Path, probed: Path, t_pre: float) -> int:
+    from pretrain.export import load_checkpoint_model
+
+    n = str(args.probe_samples)
+    probe_json = run / "probe.json"
+    _run(
+        [sys.executable, "-m", "pretrain.probe", str(probed), "--json", str(probe_json)]
+        + ["--train-samples", n, "--test-samples", n]
+    )
+    probe = json.loads(probe_json.read_text())
+    t1 = time.time()
+    probe.update(teacher_probe(cfg, args.probe_samples, args.probe_samples))
+    model, _ = load_checkpoint_model(run)
+    probe["student_parameters"] = sum(p.numel() for p in model.backbone.parameters())
+    results = {
+        "config": args.config,
+        "pretrain_seconds": round(t_pre, 1),
+        "probe": probe,
+        "teacher_probe_seconds": round(time.time() - t1, 1),
+    }
+    (run / "recipe.json").write_text(json.dumps(results, indent=1))
+    print(distill_summary(results))
+    return 0
+
+
+def distill_summary(r: dict) -> str:
+    pr = r["probe"]
+    rows = [
+        f"[recipe] {r['config']}: distillation {r['pretrain_seconds']:.0f} s; student "
+        f"{pr['student_parameters'] / 1e6:.2f}M parameters (head included), teacher "
+        f"{pr.get('teacher_parameters', 0) / 1e6:.2f}M",
+        "[recipe] frozen features           linear probe   kNN",
+    ]
+    for key, label in (
+        ("teacher", "teacher"),
+        ("pretrained", "distilled student"),
+        ("random_init", "random-init student"),
+        ("raw_pixels", "raw pixels"),
+    ):
+        rows.append(f"[recipe]   {label:<24} {_fmt(pr.get(key)):>10}   {_fmt(pr.get(f'{key}_knn')):>6}")
+    if pr.get("teacher"):
+        rows.append(
+            f"[recipe] student / teacher linear probe: {pr['pretrained'] / pr['teacher']:.1%}; "
+            f"student - random init: {100 * (pr['pretrained'] - pr['random_init']):+.1f} points"
+        )
+    return "\n".join(rows)
 
 
 def summary(r: dict) -> str:

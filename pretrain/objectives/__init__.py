@@ -3,7 +3,8 @@
 Each registered objective class has a `Config` dataclass (its section of the config tree, chosen by
 `objective.name`) and is built as `cls(backbone, cfg)`, or `cls(backbone, cfg, tokenizer=info)` when it declares
 `needs_tokenizer = True` (text objectives: pretrain.data's TokenizerInfo of the run's data), and with `seed=` (the
-run's seed) when it declares `needs_seed = True`. A class attribute `backbone_kwargs` (e.g. {"mask_token": True})
+run's seed) when it declares `needs_seed = True`, and with `data=` (the run's DataConfig) when it declares
+`needs_data = True` (distillation: the student's preprocessing, and the data a store of teacher outputs was made from). A class attribute `backbone_kwargs` (e.g. {"mask_token": True})
 gives constructor arguments the backbone is built with unless the config sets them (objectives that draw per-sample masks: models.masking). Every
 objective class answers `supports(backbone) -> bool` (whether it can train that backbone): a config pairing an
 objective with a backbone it cannot train is refused naming the objectives that can (`objectives_for`). Scalar
@@ -49,9 +50,11 @@ def objectives_for(backbone: nn.Module) -> list[str]:
     return [n for n in OBJECTIVES.names() if OBJECTIVES.get(n).supports(backbone)]
 
 
-def build_objective(cfg, backbone: nn.Module, tokenizer=None, seed: int = 0) -> nn.Module:
+def build_objective(cfg, backbone: nn.Module, tokenizer=None, seed: int = 0, data=None) -> nn.Module:
     cls = OBJECTIVES.get(objective_name(cfg))
     kwargs = {}
+    if getattr(cls, "needs_data", False):
+        kwargs["data"] = data
     if getattr(cls, "needs_tokenizer", False):
         kwargs["tokenizer"] = tokenizer
     if getattr(cls, "needs_seed", False):
@@ -59,7 +62,7 @@ def build_objective(cfg, backbone: nn.Module, tokenizer=None, seed: int = 0) -> 
     return cls(backbone, cfg, **kwargs)
 
 
-from pretrain.objectives import classify, clm, contrastive, mae, mlm, simmim, spark  # noqa: E402,F401  (register the objectives)
+from pretrain.objectives import classify, clm, contrastive, distill, mae, mlm, simmim, spark  # noqa: E402,F401  (register the objectives)
 
 __all__ = [
     "OBJECTIVES",
