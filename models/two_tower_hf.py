@@ -146,6 +146,11 @@ def hf_target(model: TwoTower) -> str:
     vis = model.visual
     if isinstance(vis, VisionTransformer):
         h = vis.hparams()
+        if h.get("distill_token"):
+            raise _refuse(
+                f"image tower {model.image_tower!r} has distill_token=True (it pools the cls and distillation "
+                "tokens; transformers' towers pool the cls token)"
+            )
         if h["global_pool"] == "avg":
             raise _refuse(
                 f"image tower {model.image_tower!r} has global_pool='avg' (transformers' ViTs pool a token)"

@@ -2,13 +2,21 @@
 
 The backbone contract is in models/__init__.py. Here:
   forward_features(images, ids_keep=None, mask=None) -> tokens (B, P + L, D), final norm applied, P =
-      num_prefix_tokens (1: the cls token; 0 with class_token=False)
+      num_prefix_tokens (1: the cls token; 0 with class_token=False; 2 with distill_token: cls, distillation)
   forward_intermediates(images, indices) -> list of (B, D, H/p, W/p) maps after the chosen blocks (default all)
 `ids_keep` (B, K) selects which patch tokens enter the encoder (MAE's sparse encoding, FLIP's patch dropout);
-the cls token (if any) is always kept and comes first.
+the prefix tokens (if any) are always kept and come first.
 stem_stride = patch_size: `mask` (B, H/p, W/p) bool, True = masked (SimMIM), replaces those patch embeddings by
 the mask token (`mask_token=True`; zeros without one) before the position embedding is added and the cls token
 prepended, as transformers' ViTEmbeddings does with `bool_masked_pos`. All L tokens still enter the encoder.
+
+DeiT (Touvron et al. 2021), `distill_token=True` (needs the cls token and global_pool="token"): a learned
+distillation token `dist_token` right after the cls token (tokens [cls, dist, patches], a position table of
+2 + L rows; sin-cos gives both prefix rows zeros) and a second classifier `head_dist` on it.
+forward_head(x) = (head(x[:, 0]) + head_dist(x[:, 1])) / 2, DeiT's inference output (pre_logits: the mean of
+the two tokens, as timm's VisionTransformerDistilled); forward_head_distilled(x) -> (cls_logits, dist_logits)
+for training against a teacher (transformers' DeiTForImageClassificationWithTeacher: cls_logits,
+distillation_logits).
 
 Options for the image towers of CLIP / SigLIP (defaults give the plain ViT above, bit for bit):
   pre_norm     a LayerNorm (`norm_pre`) on the embedded tokens before the blocks (CLIP's `pre_layrnorm`)
@@ -122,6 +130,7 @@ class VisionTransformer(nn.Module):
         class_token: bool = True,
         patch_bias: bool = True,
         act: str = "gelu",
+        distill_token: bool = False,
     ):
         super().__init__()
         if pos_embed not in ("learned", "sincos"):
@@ -134,6 +143,13 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 "global_pool='token' pools the cls token: with class_token=False use 'avg' or 'map'"
             )
+        if distill_token and not class_token:
+            raise ValueError("distill_token=True needs class_token=True (DeiT: [cls, dist, patches])")
+        if distill_token and global_pool != "token":
+            raise ValueError(
+                "distill_token=True classifies the cls and distillation tokens: global_pool must be "
+                f"'token', got {global_pool!r}"
+            )
         check_act(act)
         self.embed_dim = self.num_features = embed_dim
         self.in_chans, self.mlp_ratio, self.norm_eps = in_chans, mlp_ratio, norm_eps
@@ -143,12 +159,13 @@ class VisionTransformer(nn.Module):
         self.patch_size, self.grid_size = patch_size, self.patch_embed.grid_size
         self.stem_stride = patch_size  # the grid a SimMIM `mask` is given at
         self.num_patches = self.patch_embed.num_patches
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_prefix_tokens = int(class_token) + int(distill_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distill_token else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         n_pos = self.num_prefix_tokens + self.num_patches
         if pos_embed == "sincos":
-            sincos = sincos_pos_embed_2d(embed_dim, self.grid_size, cls_token=class_token).unsqueeze(0)
+            sincos = fixed_pos_embed(embed_dim, self.grid_size, self.num_prefix_tokens).unsqueeze(0)
             self.register_buffer("pos_embed", sincos, persistent=False)  # (1, P + L, D), fixed
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim))
@@ -169,6 +186,9 @@ class VisionTransformer(nn.Module):
             else None
         )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = None  # DeiT's classifier on the distillation token
+        if distill_token:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
         self.feature_info = [
             dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
@@ -183,6 +203,8 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.patch_embed.proj.bias)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)  # as DeiT / timm
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.mask_token is not None:
@@ -192,32 +214,41 @@ class VisionTransformer(nn.Module):
 
     # --- contract -------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        names = {"pos_embed"} | {n for n in ("cls_token", "mask_token") if getattr(self, n) is not None}
+        tokens = ("cls_token", "dist_token", "mask_token")
+        names = {"pos_embed"} | {n for n in tokens if getattr(self, n) is not None}
         return names | ({"attn_pool.probe"} if self.attn_pool is not None else set())
 
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
         """Regexes grouping parameters by depth (for layer-wise LR decay): stem, then one group per block."""
         return {
-            "stem": r"^cls_token|^pos_embed|^patch_embed|^mask_token|^norm_pre",
+            "stem": r"^cls_token|^dist_token|^pos_embed|^patch_embed|^mask_token|^norm_pre",
             "blocks": r"^blocks\.(\d+)",
-            "head": r"^norm\.|^head|^attn_pool",
+            "head": r"^norm\.|^head|^attn_pool",  # head and head_dist
         }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+        """A fresh head (and distillation head, with distill_token) of `num_classes` outputs (0: Identity)."""
+        self.head = self._new_head(num_classes)
+        if self.dist_token is not None:
+            self.head_dist = self._new_head(num_classes)
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        head = nn.Linear(self.embed_dim, num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
 
     def embed(
         self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Patch tokens + position embedding, optionally subset to `ids_keep` (MAE) or with the patches where
-        `mask` (B, H/p, W/p) is True replaced by the mask token (SimMIM), with the cls token (if any) first, then
-        the pre-norm (if any): (B, P + K, D), P = num_prefix_tokens."""
+        `mask` (B, H/p, W/p) is True replaced by the mask token (SimMIM), with the prefix tokens (if any: cls,
+        then dist) first, then the pre-norm (if any): (B, P + K, D), P = num_prefix_tokens."""
         if ids_keep is not None and mask is not None:
             raise ValueError(
                 "pass ids_keep (MAE: encode a subset) or mask (SimMIM: replace patches), not both"
@@ -231,9 +262,10 @@ class VisionTransformer(nn.Module):
         x = x + pos[:, self.num_prefix_tokens :]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
-        if self.cls_token is not None:
-            cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-            x = torch.cat([cls, x], dim=1)
+        prefix = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            tokens = torch.cat(prefix, dim=1) + pos[:, : self.num_prefix_tokens]  # (1, P, D)
+            x = torch.cat([tokens.expand(x.shape[0], -1, -1), x], dim=1)
         return self.norm_pre(x)  # (B, P + K, D)
 
     def run_blocks(self, x: torch.Tensor, blocks=None) -> torch.Tensor:
@@ -250,6 +282,11 @@ class VisionTransformer(nn.Module):
         return self.norm(self.run_blocks(self.embed(images, ids_keep, mask)))  # (B, P + K, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.dist_token is not None:  # DeiT: both tokens, each with its own head, averaged
+            if pre_logits:
+                return (x[:, 0] + x[:, 1]) / 2  # (B, D)
+            cls_logits, dist_logits = self.forward_head_distilled(x)
+            return (cls_logits + dist_logits) / 2  # (B, num_classes)
         if self.global_pool == "token":
             x = x[:, 0]  # (B, D)
         elif self.global_pool == "avg":
@@ -257,6 +294,14 @@ class VisionTransformer(nn.Module):
         else:
             x = self.attn_pool(x)  # (B, D): the probe attends over every final token
         return x if pre_logits else self.head(x)
+
+    def forward_head_distilled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeiT's two outputs from the final tokens (B, 2 + L, D): (head(cls token), head_dist(distillation
+        token)), each (B, num_classes) ((B, D) without a classifier). The first is trained on the labels, the
+        second on the teacher's; forward_head is their mean."""
+        if self.dist_token is None:
+            raise ValueError("forward_head_distilled needs a model built with distill_token=True")
+        return self.head(x[:, 0]), self.head_dist(x[:, 1])
 
     def forward_intermediates(
         self, images: torch.Tensor, indices: list[int] | None = None
@@ -297,7 +342,15 @@ class VisionTransformer(nn.Module):
             class_token=self.cls_token is not None,
             patch_bias=self.patch_bias,
             act=self.act,
+            distill_token=self.dist_token is not None,
         )
+
+
+def fixed_pos_embed(dim: int, grid: int, num_prefix_tokens: int) -> torch.Tensor:
+    """The sin-cos table (P + grid*grid, dim) of a ViT with P prefix tokens: a zero row for each (as MAE's cls
+    row)."""
+    table = sincos_pos_embed_2d(dim, grid, cls_token=False)  # (grid*grid, dim)
+    return torch.cat([table.new_zeros(num_prefix_tokens, dim), table], dim=0)
 
 
 # name: (patch, dim, depth, heads). `test` is CI-sized, `mini` trains on a CPU in minutes (the README demo);
@@ -318,4 +371,21 @@ register_sizes(
         for name, (p, dim, depth, heads) in _SIZES.items()
     },
     smoke=dict(img_size=32, patch_size=8, depth=2),  # CPU-test size (see models/__init__.py)
+)
+# DeiT with its distillation token (the paper's distilled models; `deit_test` is CI-sized):
+# name: (img, patch, dim, depth, heads)
+_DEIT_SIZES = {
+    "deit_test": (32, 4, 32, 2, 2),
+    "deit_tiny_patch16_224": (224, 16, 192, 12, 3),
+    "deit_small_patch16_224": (224, 16, 384, 12, 6),
+}
+register_sizes(
+    VisionTransformer,
+    {
+        name: dict(
+            img_size=img, patch_size=p, embed_dim=dim, depth=depth, num_heads=heads, distill_token=True
+        )
+        for name, (img, p, dim, depth, heads) in _DEIT_SIZES.items()
+    },
+    smoke=dict(img_size=32, patch_size=8, depth=2),
 )

@@ -17,6 +17,16 @@ SimMIM decoder 0.{weight,bias}  decoder.0.{weight,bias} (ViTForMaskedImageModeli
 MAE decoder: decoder_embed, mask_token, pos_embed, blocks.i.*, norm, pred ->
              decoder.decoder_embed, decoder.mask_token, decoder.decoder_pos_embed,
              decoder.decoder_layers.i.* (as above), decoder.decoder_norm, decoder.decoder_pred
+
+DeiT (distill_token=True) exports as DeiTModel, or DeiTForImageClassificationWithTeacher (encoder under
+"deit.") with a head: the keys above, the position table of 2 + L rows, and
+dist_token (1, 1, D)            embeddings.distillation_token
+head / head_dist                cls_classifier / distillation_classifier (logits = their mean, as Tessera's)
+DeiTModel's pooler reads the cls token alone: exported as the identity (pooler_act "linear", as ViTModel's),
+its pooler_output is the final-norm cls token, not Tessera's pooled features (the mean of the cls and
+distillation tokens, which no DeiT class outputs). No SimMIM export: DeiTForMaskedImageModeling decodes tokens
+[1:-1] (the distillation token and all patches but the last), not Tessera's SimMIM (pretrain/export.py exports
+the encoder alone).
 """
 
 from __future__ import annotations
@@ -27,10 +37,9 @@ import torch
 
 from models.hf import HFAdapter, register_hf
 from models.hf_config import check_gelu, reject, square
-from models.layers import sincos_pos_embed_2d
 from models.mae import MAEDecoder
 from models.simmim import decoder_to_hf, split_mim_state
-from models.vit import VisionTransformer
+from models.vit import VisionTransformer, fixed_pos_embed
 from ops.compat import import_transformers
 
 # (tessera suffix inside a block, hf suffix inside a layer); "qkv" is split into three
@@ -70,29 +79,42 @@ def _blocks_from_hf(hf: dict, src: str, dst: str, depth: int) -> dict:
     return out
 
 
-def check_vit_exportable(vit: VisionTransformer) -> None:
-    """ValueError naming the VisionTransformer option transformers' ViT classes cannot express (the CLIP / SigLIP
-    tower options: their exports are CLIPModel / SiglipModel, through the two-tower model)."""
+def check_vit_exportable(vit: VisionTransformer, target: str = "ViTModel") -> None:
+    """ValueError naming the VisionTransformer option transformers' ViT (or, `target` "DeiTModel", DeiT)
+    classes cannot express (the CLIP / SigLIP tower options: their exports are CLIPModel / SiglipModel,
+    through the two-tower model)."""
+    deit = target.startswith("DeiT")
     what = {
-        "pre_norm": "transformers' ViT has no LayerNorm before its encoder (CLIPModel's pre_layrnorm has)",
+        "pre_norm": "transformers' ViT and DeiT have no LayerNorm before the encoder (CLIPModel's "
+        "pre_layrnorm has)",
         "class_token": "transformers' ViT always has a cls token (SiglipModel's vision tower has none)",
-        "global_pool": "transformers' ViT pools the cls token; 'map' is SiglipModel's attention-pooling head",
-        "act": "transformers' ViT export writes hidden_act 'gelu' (the exact GELU)",
+        "global_pool": "transformers' ViT and DeiT pool the cls token (DeiT's classifier also the "
+        "distillation token); 'map' is SiglipModel's attention-pooling head",
+        "act": "transformers' ViT and DeiT exports write hidden_act 'gelu' (the exact GELU)",
+        "distill_token": "transformers' ViT has no distillation token (a DeiT: DeiTModel, "
+        "DeiTForImageClassificationWithTeacher)"
+        if not deit
+        else "transformers' DeiT always has a distillation token (a plain ViT: ViTModel)",
     }
     h = vit.hparams()
-    for key, default in (("pre_norm", False), ("class_token", True), ("act", "gelu")):
+    wanted = dict(pre_norm=False, class_token=True, act="gelu", distill_token=deit)
+    for key, default in wanted.items():
         if h[key] != default:
-            raise ValueError(f"VisionTransformer {key}={h[key]!r} has no ViTModel equivalent: {what[key]}")
-    if h["global_pool"] == "map":
+            raise ValueError(f"VisionTransformer {key}={h[key]!r} has no {target} equivalent: {what[key]}")
+    if h["global_pool"] == "map" or (deit and h["global_pool"] != "token"):
+        pool = h["global_pool"]
         raise ValueError(
-            f"VisionTransformer global_pool='map' has no ViTModel equivalent: {what['global_pool']}"
+            f"VisionTransformer global_pool={pool!r} has no {target} equivalent: {what['global_pool']}"
         )
 
 
-def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.Tensor]:
-    """ViTModel-layout state dict of the encoder (keys prefixed with `prefix`, e.g. 'vit.'). A patch projection
-    without a bias (patch_bias=False) exports a zero one, which is the same."""
-    check_vit_exportable(vit)
+def encoder_to_hf(
+    vit: VisionTransformer, prefix: str = "", target: str = "ViTModel"
+) -> dict[str, torch.Tensor]:
+    """ViTModel-layout (`target` "DeiTModel": DeiTModel-layout) state dict of the encoder (keys prefixed with
+    `prefix`, e.g. 'vit.'). A patch projection without a bias (patch_bias=False) exports a zero one, which is
+    the same."""
+    check_vit_exportable(vit, target)
     sd = {k: v.detach().float().cpu() for k, v in vit.state_dict().items()}
     sd.setdefault("patch_embed.proj.bias", torch.zeros(vit.embed_dim))
     out = {
@@ -104,13 +126,16 @@ def encoder_to_hf(vit: VisionTransformer, prefix: str = "") -> dict[str, torch.T
         "layernorm.bias": sd["norm.bias"],
         **_blocks_to_hf(sd, "blocks.", "encoder.layer.", len(vit.blocks)),
     }
+    if vit.dist_token is not None:  # (check_vit_exportable: only for a DeiT target)
+        out["embeddings.distillation_token"] = sd["dist_token"]
     return {prefix + k: v.contiguous() for k, v in out.items()}
 
 
 def encoder_kwargs_from_hf(cfg) -> dict:
-    """VisionTransformer arguments of a ViTConfig / ViTMAEConfig, reading what transformers' ViT reads; ValueError
-    naming the field Tessera's ViT cannot represent. Dropouts (training only) and the fields of other heads
-    (encoder_stride: masked image modelling) change no output of the imported model and are not read."""
+    """VisionTransformer arguments of a ViTConfig / ViTMAEConfig / DeiTConfig, reading what transformers' ViT
+    reads; ValueError naming the field Tessera's ViT cannot represent. Dropouts (training only) and the fields
+    of other heads (encoder_stride: masked image modelling; a pooler) change no output of the imported model
+    and are not read."""
     check_gelu(cfg, "ViT")
     img, patch = square(cfg, "image_size", "ViT"), square(cfg, "patch_size", "ViT")
     if img % patch:
@@ -132,21 +157,29 @@ def encoder_kwargs_from_hf(cfg) -> dict:
 
 
 def encoder_from_hf(
-    hf: dict, cfg, prefix: str = "", head: tuple | None = None, mask_token: bool = False
+    hf: dict,
+    cfg,
+    prefix: str = "",
+    head: tuple | None = None,
+    mask_token: bool = False,
+    head_dist: tuple | None = None,
 ) -> VisionTransformer:
-    """Build a VisionTransformer from a ViTModel/ViTMAE config and state dict (keys under `prefix`), with an
-    optional classifier `head` (weight, bias) and, with `mask_token`, the folder's embeddings.mask_token."""
+    """Build a VisionTransformer from a ViTModel/ViTMAE/DeiTModel config and state dict (keys under `prefix`;
+    a DeiT's embeddings.distillation_token gives distill_token=True), with an optional classifier `head`
+    (weight, bias), DeiT's `head_dist` and, with `mask_token`, the folder's embeddings.mask_token."""
     kw = encoder_kwargs_from_hf(cfg)
     hf = {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
+    distill = "embeddings.distillation_token" in hf
     pos = hf["embeddings.position_embeddings"]
     grid = kw["img_size"] // kw["patch_size"]
     dim = kw["embed_dim"]
-    fixed = torch.equal(pos[0], sincos_pos_embed_2d(dim, grid)) if dim % 4 == 0 else False
+    fixed = torch.equal(pos[0], fixed_pos_embed(dim, grid, 1 + distill)) if dim % 4 == 0 else False
     vit = VisionTransformer(
         **kw,
         pos_embed="sincos" if fixed else "learned",
         num_classes=0 if head is None else head[0].shape[0],
         mask_token=mask_token,
+        distill_token=distill,
     )
     sd = {
         "cls_token": hf["embeddings.cls_token"],
@@ -160,14 +193,18 @@ def encoder_from_hf(
         sd["pos_embed"] = pos
     if mask_token:
         sd["mask_token"] = hf["embeddings.mask_token"]
+    if distill:
+        sd["dist_token"] = hf["embeddings.distillation_token"]
     if head is not None:
         sd["head.weight"], sd["head.bias"] = head
+    if head_dist is not None:
+        sd["head_dist.weight"], sd["head_dist.bias"] = head_dist
     vit.load_state_dict(sd, strict=True)
     return vit
 
 
-def _common(vit: VisionTransformer) -> dict:
-    check_vit_exportable(vit)
+def _common(vit: VisionTransformer, target: str = "ViTModel") -> dict:
+    check_vit_exportable(vit, target)
     return dict(
         hidden_size=vit.embed_dim,
         num_hidden_layers=len(vit.blocks),
@@ -185,6 +222,9 @@ def _common(vit: VisionTransformer) -> dict:
 
 
 def vit_config(vit: VisionTransformer):
+    """ViTConfig; a DeiT's (distill_token=True) DeiTConfig."""
+    if vit.dist_token is not None:
+        return deit_config(vit)
     cfg = import_transformers().ViTConfig(**_common(vit))
     n_cls = vit.head.out_features if isinstance(vit.head, torch.nn.Linear) else 0
     if n_cls:
@@ -193,7 +233,10 @@ def vit_config(vit: VisionTransformer):
 
 
 def vit_to_hf(vit: VisionTransformer):
-    """(HF model with Tessera's weights loaded strictly): ViTModel, or ViTForImageClassification with a head."""
+    """(HF model with Tessera's weights loaded strictly): ViTModel, or ViTForImageClassification with a head;
+    a DeiT (distill_token=True) as DeiTModel, or DeiTForImageClassificationWithTeacher (deit_to_hf)."""
+    if vit.dist_token is not None:
+        return deit_to_hf(vit)
     tf = import_transformers()
     ViTForImageClassification, ViTModel = tf.ViTForImageClassification, tf.ViTModel
 
@@ -309,19 +352,50 @@ def decoder_from_hf(decoder: MAEDecoder, hf: dict) -> MAEDecoder:
     return decoder
 
 
+def deit_config(vit: VisionTransformer):
+    """DeiTConfig of a ViT with distill_token=True: num_labels = its classes, the identity pooler (see the
+    module docstring)."""
+    cfg = import_transformers().DeiTConfig(**_common(vit, "DeiTModel"), pooler_act="linear")
+    n_cls = vit.head.out_features if isinstance(vit.head, torch.nn.Linear) else 0
+    if n_cls:
+        cfg.num_labels = n_cls
+    return cfg
+
+
+def deit_to_hf(vit: VisionTransformer):
+    """DeiTForImageClassificationWithTeacher (a ViT with distill_token=True and a head: logits = the mean of
+    cls_logits and distillation_logits, = Tessera's model(x)), or DeiTModel without one; weights loaded
+    strictly."""
+    tf = import_transformers()
+    cfg = deit_config(vit)
+    if isinstance(vit.head, torch.nn.Linear):
+        model = tf.DeiTForImageClassificationWithTeacher(cfg)
+        sd = encoder_to_hf(vit, "deit.", target="DeiTModel")
+        for dst, src in (("cls_classifier", vit.head), ("distillation_classifier", vit.head_dist)):
+            sd[f"{dst}.weight"], sd[f"{dst}.bias"] = src.weight.detach(), src.bias.detach()
+    else:
+        # DeiTModel builds a pooler by default (AutoModel too): the identity, as ViTModel's (see vit_to_hf)
+        model = tf.DeiTModel(cfg, add_pooling_layer=True)
+        sd = encoder_to_hf(vit, target="DeiTModel")
+        sd["pooler.dense.weight"] = torch.eye(vit.embed_dim)
+        sd["pooler.dense.bias"] = torch.zeros(vit.embed_dim)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
 def _check_pooler(hf: dict, cfg) -> None:
-    """A ViTModel's pooler (dense + pooler_act on the cls token) is a head Tessera's ViT does not have: its pooled
-    features are the final-norm cls token itself. The pooler Tessera exports (identity dense, pooler_act
-    'linear') is exactly that; any other is left out of the import, with a warning (the encoder, what an import
-    is for, is whole). (A mask token, use_mask_token=True, is left out too, as ViTModel.from_pretrained does by
-    default: it acts only on bool_masked_pos.)"""
+    """A ViTModel's (DeiTModel's) pooler (dense + pooler_act on the cls token) is a head Tessera's ViT does
+    not have: its pooled features are the final-norm cls token itself. The pooler Tessera exports (identity
+    dense, pooler_act 'linear') is exactly that; any other is left out of the import, with a warning (the
+    encoder, what an import is for, is whole). (A mask token, use_mask_token=True, is left out too, as
+    ViTModel.from_pretrained does by default: it acts only on bool_masked_pos.)"""
     if "pooler.dense.weight" not in hf:
         return
     w, b = hf["pooler.dense.weight"], hf["pooler.dense.bias"]
     identity = w.shape[0] == w.shape[1] and torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype))
     if not (identity and not b.any() and getattr(cfg, "pooler_act", None) == "linear"):
         warnings.warn(
-            f"{type(cfg).__name__}.pooler_act={getattr(cfg, 'pooler_act', None)!r}: this ViTModel's pooler "
+            f"{type(cfg).__name__}.pooler_act={getattr(cfg, 'pooler_act', None)!r}: this model's pooler "
             "(pooler.dense, then the activation) is not imported; Tessera's pooled output is the final-norm cls "
             "token, without it",
             stacklevel=3,
@@ -329,26 +403,49 @@ def _check_pooler(hf: dict, cfg) -> None:
 
 
 def vit_from_hf(hf: dict, cfg) -> VisionTransformer:
-    """The encoder of a ViTModel / ViTForImageClassification / ViTMAEForPreTraining state dict."""
-    prefix = "vit." if any(k.startswith("vit.") for k in hf) else ""
+    """The encoder of a ViTModel / ViTForImageClassification / ViTMAEForPreTraining state dict, or of a
+    DeiTModel / DeiTForImageClassificationWithTeacher one (a ViT with distill_token=True; its two heads: head,
+    head_dist)."""
+    prefix = next((p for p in ("vit.", "deit.") if any(k.startswith(p) for k in hf)), "")
     if not prefix:
         _check_pooler(hf, cfg)
-    head = (hf["classifier.weight"], hf["classifier.bias"]) if "classifier.weight" in hf else None
-    return encoder_from_hf(hf, cfg, prefix=prefix, head=head)
+
+    def linear(name: str) -> tuple | None:
+        return (hf[f"{name}.weight"], hf[f"{name}.bias"]) if f"{name}.weight" in hf else None
+
+    if cfg.model_type == "deit":
+        head, head_dist = linear("cls_classifier"), linear("distillation_classifier")
+    else:
+        head, head_dist = linear("classifier"), None
+    return encoder_from_hf(hf, cfg, prefix=prefix, head=head, head_dist=head_dist)
 
 
 def vit_hf_outputs(hf, x: torch.Tensor) -> dict:
-    """A ViTModel / ViTForImageClassification's outputs in Tessera's layouts (see models/hf.py)."""
-    base = getattr(hf, "vit", hf)
+    """A ViTModel / ViTForImageClassification's (DeiTModel / DeiTForImageClassificationWithTeacher's) outputs
+    in Tessera's layouts (see models/hf.py). DeiT: pooled = the mean of the final cls and distillation tokens
+    (no DeiT class outputs it: its pooler reads the cls token alone); the classifier's cls_logits and
+    distillation_logits too (= Tessera's forward_head_distilled)."""
+    base = hf.base_model  # the ViTModel / DeiTModel itself, or the one a classifier holds
+    deit = hf.config.model_type == "deit"
     out = base(pixel_values=x, output_hidden_states=True)
     grid = square(hf.config, "image_size", "ViT") // square(
         hf.config, "patch_size", "ViT"
     )  # an int or a square pair
-    stages = [h[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid) for h in out.hidden_states[1:]]
-    pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
-    res = {"features": out.last_hidden_state, "stages": stages, "pooled": pooled}
-    if base is not hf:
-        res["logits"] = hf.classifier(out.last_hidden_state[:, 0])
+    p = 2 if deit else 1  # prefix tokens: cls (and distillation)
+    stages = [h[:, p:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid) for h in out.hidden_states[1:]]
+    last = out.last_hidden_state
+    if deit:
+        pooled = (last[:, 0] + last[:, 1]) / 2
+    else:
+        pooled = out.pooler_output if out.pooler_output is not None else last[:, 0]
+    res = {"features": last, "stages": stages, "pooled": pooled}
+    if base is not hf and deit:
+        full = hf(pixel_values=x)
+        res.update(
+            logits=full.logits, cls_logits=full.cls_logits, distillation_logits=full.distillation_logits
+        )
+    elif base is not hf:
+        res["logits"] = hf.classifier(last[:, 0])
     return res
 
 
@@ -356,7 +453,7 @@ register_hf(
     "vit",
     HFAdapter(
         model_cls=VisionTransformer,
-        archs=("ViTModel", "ViTForImageClassification"),
+        archs=("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassificationWithTeacher"),
         hf_config=vit_config,
         to_hf=vit_to_hf,
         from_hf=vit_from_hf,

@@ -9,12 +9,13 @@ on ViT / Swin / Swin V2 gives `ViTForMaskedImageModeling` / `SwinForMaskedImageM
 OUT_DIR/encoder for the plain `ViTModel` / `SwinModel` / `Swinv2Model` (no mask token); a SimMIM run on another
 family, its encoder alone (no transformers MIM class holds it); any other run exports its backbone through the
 family's adapter (models/hf.py): `SwinModel`, `ConvNextModel`, ... or
-`<Family>ForImageClassification` when the backbone has a classifier head; text runs `LlamaForCausalLM` (decoder)
-or `ModernBertForMaskedLM` (encoder) with the run's tokenizer (`AutoTokenizer`); image-text (two-tower) runs
-`CLIPModel`, `SiglipModel` or `VisionTextDualEncoderModel` (models/two_tower_hf.py picks the one that holds the
-towers exactly, or says why none does) with their processor (`AutoProcessor`: image processor + the run's
-tokenizer), so `pipeline("zero-shot-image-classification")` works on CLIP and SigLIP exports. The key maps live
-next to the models.
+`<Family>ForImageClassification` when the backbone has a classifier head (a ViT with DeiT's distillation
+token: `DeiTModel` / `DeiTForImageClassificationWithTeacher`; a SimMIM run on one, its encoder alone); text
+runs `LlamaForCausalLM` (decoder) or `ModernBertForMaskedLM` (encoder) with the run's tokenizer (`AutoTokenizer`);
+image-text (two-tower) runs `CLIPModel`, `SiglipModel` or `VisionTextDualEncoderModel` (models/two_tower_hf.py
+picks the one that holds the towers exactly, or says why none does) with their processor (`AutoProcessor`:
+image processor + the run's tokenizer), so `pipeline("zero-shot-image-classification")` works on CLIP and
+SigLIP exports. The key maps live next to the models.
 Every folder also gets the run's image processor (`preprocessor_config.json`), classifiers their class names, and
 OUT_DIR a model card (README.md) and tessera.json (pretrain/hf_files.py): `pipeline(...)` works on it offline.
 """
@@ -89,6 +90,16 @@ MIM_FROM_HF = {
 SIMMIM_KEY = "tessera_simmim"  # config.json entry: the run's SimMIMConfig (mask_ratio, mask_patch_size)
 
 
+def mim_exporter(backbone: nn.Module):
+    """MIM_TO_HF's exporter of a SimMIM run's backbone, or None: no transformers class computes its SimMIM
+    (the run's encoder is exported alone). A DeiT (ViT with a distillation token): DeiTForMaskedImageModeling
+    decodes tokens [1:-1] (the distillation token and all patches but the last) where SimMIM decodes the
+    patches."""
+    if getattr(backbone, "dist_token", None) is not None:
+        return None
+    return MIM_TO_HF.get(type(backbone))
+
+
 def to_hf(
     model: nn.Module, out_dir: str | Path, data: DataConfig | None = None, labels: list[str] | None = None
 ) -> nn.Module | None:
@@ -119,7 +130,7 @@ def to_hf(
     elif isinstance(model, SimMIM):  # likewise; the encoder without its mask token (a plain XModel)
         encoder, enc_pre = for_pipelines(without_mask_token(backbone))
         enc_hf = adapter_for_model(encoder).to_hf(encoder)
-        mim = MIM_TO_HF.get(type(backbone))
+        mim = mim_exporter(backbone)
         if mim is None:  # no transformers MIM class for this family: the encoder alone
             hf, folders = enc_hf, {out: (enc_hf, enc_pre)}
         else:
@@ -344,7 +355,10 @@ def load_checkpoint_model(path: str | Path, with_config: bool = False):
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
     cfg = from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-    model = build_model(cfg)
+    from pretrain.objectives.distill import without_teacher
+
+    with without_teacher():  # a distilled student is rebuilt without its teacher or store (they may be gone)
+        model = build_model(cfg)
     state = consolidated_state_dict(str(folder / "engine"), meta["engine"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -89,11 +89,16 @@ def image_processor_kwargs(pre: Preprocess) -> dict:
 def set_labels(hf_model: nn.Module, labels: list[str] | None) -> bool:
     """Name a classifier's outputs (config id2label / label2id). False when it has none or the names don't fit."""
     n = getattr(hf_model.config, "num_labels", 0)
-    if not labels or not hf_model.__class__.__name__.endswith("ForImageClassification") or len(labels) != n:
+    if not labels or not is_image_classifier(hf_model) or len(labels) != n:
         return False
     hf_model.config.id2label = dict(enumerate(labels))
     hf_model.config.label2id = {name: i for i, name in enumerate(labels)}
     return True
+
+
+def is_image_classifier(hf_model: nn.Module) -> bool:
+    """<Family>ForImageClassification, or DeiTForImageClassificationWithTeacher (DeiT's two heads)."""
+    return type(hf_model).__name__.endswith(("ForImageClassification", "ForImageClassificationWithTeacher"))
 
 
 def class_names(data: dict, meta: dict) -> list[str] | None:
@@ -245,7 +250,7 @@ config. Outputs equal Tessera's own to 1e-5 in fp32 (tests/test_hf_parity.py).
 def pipeline_task(hf_model: nn.Module) -> str:
     """The transformers pipeline an exported model serves: a classifier (a head with outputs; PoolFormer exports
     its headless backbones as a classification model with no labels) or a feature extractor."""
-    is_classifier = type(hf_model).__name__.endswith("ForImageClassification")
+    is_classifier = is_image_classifier(hf_model)
     return (
         "image-classification"
         if is_classifier and hf_model.config.num_labels > 0

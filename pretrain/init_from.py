@@ -9,9 +9,9 @@ What is loaded into the run's backbone, and what is not:
   - every tensor of the backbone's state dict, except its classifier `head.*`: heads start fresh, and so do the
     objective's modules outside the backbone (an MAE decoder);
   - `mask_token` when both models have one (otherwise the target keeps its own);
-  - a ViT's learned `pos_embed` is interpolated (bicubic over the patch grid, the cls row kept) when the image
-    size changes; a sin-cos table is a buffer the model recomputes (nothing to load), except that it seeds a
-    learned table (MAE's fine-tuning recipe);
+  - a ViT's learned `pos_embed` is interpolated (bicubic over the patch grid, the prefix rows kept: cls, and
+    DeiT's distillation token) when the image size changes; a sin-cos table is a buffer the model recomputes
+    (nothing to load), except that it seeds a learned table (MAE's fine-tuning recipe);
   - a 3-channel source into a 1-channel model: the input convolution's RGB weights are summed (a gray image is
     R = G = B, so the model computes on it what the source computes on the gray image as RGB; the inverse of
     models.hf.rgb_from_gray's split by PIL's luma weights, as models.hf.gray_from_rgb);
@@ -147,7 +147,7 @@ def _hparams(m: nn.Module) -> dict:
 
 def interpolate_pos_embed(table: torch.Tensor, grid: int, prefix: int = 1) -> torch.Tensor:
     """A ViT position table (1, prefix + g*g, D) resized to (1, prefix + grid*grid, D): bicubic over the patch
-    grid, the prefix (cls) rows kept as they are."""
+    grid, the prefix rows (cls; DeiT: cls, distillation) kept as they are."""
     n = table.shape[1] - prefix
     g = math.isqrt(n)
     if g * g != n:
@@ -191,8 +191,10 @@ def _adapt(key: str, value: torch.Tensor, want: torch.Size, target: nn.Module, f
         return out
     resizable = value.shape != want and value.shape[-1] == want[-1] and hasattr(target, "grid_size")
     if key == "pos_embed" and resizable:
-        out = interpolate_pos_embed(value, target.grid_size, getattr(target, "num_prefix_tokens", 1))
-        lines.append(f"pos_embed: interpolated {_shape(value)} -> {_shape(out)} (bicubic, cls row kept)")
+        prefix = getattr(target, "num_prefix_tokens", 1)  # 2 for DeiT: its cls and distillation rows
+        out = interpolate_pos_embed(value, target.grid_size, prefix)
+        kept = {0: "no prefix row", 1: "cls row kept"}.get(prefix, f"{prefix} prefix rows kept")
+        lines.append(f"pos_embed: interpolated {_shape(value)} -> {_shape(out)} (bicubic, {kept})")
         return out
     return value
 

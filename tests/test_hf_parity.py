@@ -3,6 +3,7 @@ matches Tessera to 1e-5 (last hidden state, every stage, pooled, logits); import
 trained checkpoint goes through `python -m pretrain.export` (family-specific checks live in tests/test_<family>.py)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -63,9 +64,10 @@ def test_export_loads_with_transformers_and_matches(tmp_path, family, name, num_
     size = model.hparams()["img_size"]
     export.to_hf(model, tmp_path)
     arch = json.loads((tmp_path / "config.json").read_text())["architectures"][0]
-    # a head exports as <Family>ForImageClassification; without one as <Family>Model, except where the HF base
-    # model drops weights Tessera trains (PoolFormerModel has no final norm: see models/poolformer_hf.py)
-    assert arch in adapter.archs and (arch.endswith("ForImageClassification") or not num_classes)
+    # a head exports as <Family>ForImageClassification (DeiT: ...WithTeacher); without one as <Family>Model,
+    # except where the HF base model drops weights Tessera trains (PoolFormerModel has no final norm: see
+    # models/poolformer_hf.py)
+    assert arch in adapter.archs and (is_classifier(arch) or not num_classes)
     hf, info = getattr(tf, arch).from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched key in the class exported
     if not num_classes and family != "poolformer":  # and in AutoModel (what feature-extraction pipelines use)
@@ -105,7 +107,7 @@ def test_trained_checkpoint_exports_through_the_cli(tmp_path, digits_shards, fam
     model, _ = export.load_checkpoint_model(run)
     backbone = model.backbone
     arch = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"][0]
-    assert arch.endswith("ForImageClassification")
+    assert is_classifier(arch)
     hf = getattr(tf, arch).from_pretrained(tmp_path / "hf").eval()
     # a grayscale run exports a model taking RGB (pipelines convert every image to RGB): on a gray image given
     # as R = G = B it computes exactly what the 1-channel model computes
@@ -122,5 +124,11 @@ def test_trained_checkpoint_exports_through_the_cli(tmp_path, digits_shards, fam
         torch.testing.assert_close(back(x), backbone(x), atol=1e-5, rtol=0)
 
 
+def is_classifier(arch: str) -> bool:
+    """<Family>ForImageClassification, or DeiTForImageClassificationWithTeacher (a ViT with a distillation
+    token)."""
+    return arch.endswith(("ForImageClassification", "ForImageClassificationWithTeacher"))
+
+
 def adapter_base(arch: str) -> str:
-    return arch.replace("ForImageClassification", "Model")
+    return re.sub(r"ForImageClassification(WithTeacher)?$", "Model", arch)

@@ -8,7 +8,9 @@ Tessera), exports every export target below here, writes Tessera's own outputs i
 A new export target is one entry of `export_targets()`: a name, the Tessera model, and a function that exports it
 and returns its manifest cases (`backbone_cases`, `pipeline_cases`, `mae_cases`, `simmim_cases` and `text_cases`
 are the kinds). SimMIM is exported for every family transformers has a *ForMaskedImageModeling of
-(pretrain.export.MIM_TO_HF: ViT, Swin, Swin V2).
+(pretrain.export.MIM_TO_HF: ViT, Swin, Swin V2; not a DeiT, pretrain.export.mim_exporter).
+A ViT with DeiT's distillation token (`deit_test`, in the "vit" family) exports as DeiTModel /
+DeiTForImageClassificationWithTeacher: its cases also compare cls_logits and distillation_logits.
 Text families (adapter model_cls.modality == "text": Llama, ModernBERT) are exported as a text run's
 `python -m pretrain.export` exports them, with the run's tokenizer (`to_hf(..., data=text_data())`): their cases
 also check AutoTokenizer against Tessera's tokenizer and transformers' text-generation / fill-mask pipeline
@@ -42,7 +44,7 @@ from models import MODELS, create_model, list_models
 from models.hf import HF_ADAPTERS
 from models.mae import random_masking
 from ops.compat import import_transformers
-from pretrain.export import MIM_TO_HF, to_hf
+from pretrain.export import MIM_TO_HF, mim_exporter, to_hf
 from pretrain.objectives.mae import MAE, MAEConfig
 from pretrain.objectives.simmim import SimMIM, SimMIMConfig
 from tests.conftest import ROOT, trained_like
@@ -193,8 +195,13 @@ def _two_tower(name: str, image_tower: str | None) -> nn.Module:
 
 
 def simmim_test_models() -> list[str]:
-    """The `*_test*` models of the families with a transformers MIM class."""
-    return [n for f in image_families() for n in family_test_models(f) if MODELS.get(n).builds in MIM_TO_HF]
+    """The `*_test*` models a transformers MIM class holds the SimMIM of (not a DeiT: see mim_exporter)."""
+
+    def has_mim(name: str) -> bool:
+        with torch.device("meta"):
+            return mim_exporter(create_model(name)) is not None
+
+    return [n for f in image_families() for n in family_test_models(f) if has_mim(n)]
 
 
 def _simmim(name: str, chans: int) -> nn.Module:
@@ -439,7 +446,13 @@ def standard_loads(folder: Path, autos: tuple[str, ...] = AUTO_CLASSES) -> list[
     arch = json.loads((folder / "config.json").read_text())["architectures"][0]
     hf = getattr(tf, arch).from_pretrained(folder)
     config_cls = type(hf.config)
-    auto = [a for a in autos if getattr(tf, a)._model_mapping.get(config_cls, None) is type(hf)]
+
+    def gives(auto: str) -> bool:
+        # a config may map to several classes (DeiT: two classifiers), config.json's architectures picks one
+        found = getattr(tf, auto)._model_mapping.get(config_cls, None)
+        return found is type(hf) or (isinstance(found, tuple) and type(hf) in found)
+
+    auto = [a for a in autos if gives(a)]
     assert auto, f"{folder}: no Auto class of {autos} gives {arch}"
     loads = [dict(cls=arch), dict(cls=auto[0])]
     base = tf.AutoModel._model_mapping[config_cls]
@@ -475,13 +488,20 @@ def backbone_cases(model: nn.Module, folder: Path, writer: CaseWriter) -> list[d
 
 @torch.no_grad()
 def backbone_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Tessera's outputs under the HF field names they equal (see same_names)."""
+    """Tessera's outputs under the HF field names they equal (see same_names). A DeiT (distill_token):
+    DeiTModel's (identity) pooler reads the final cls token alone; DeiTForImageClassificationWithTeacher's
+    cls_logits and distillation_logits are forward_head_distilled's."""
     feats = model.forward_features(x)
-    return {
+    out = {
         "last_hidden_state": feats,
         "pooler_output": model.forward_head(feats, pre_logits=True),
         "logits": model(x),
     }
+    if getattr(model, "dist_token", None) is not None:
+        out["pooler_output"] = feats[:, 0]
+        if model.hparams()["num_classes"]:
+            out["cls_logits"], out["distillation_logits"] = model.forward_head_distilled(feats)
+    return out
 
 
 GRAY_DATA = "digits"  # a 1-channel dataset: the pipeline exports' data config
@@ -530,8 +550,12 @@ def tessera_pixels(png: Path, size: int) -> torch.Tensor:
 
 
 def same_names(hf: nn.Module) -> dict[str, str]:
-    """A backbone's fields: HF output field -> the same name in `ours`."""
-    return {k: k for k in ("last_hidden_state", "pooler_output", "logits")}
+    """A backbone's fields: HF output field -> the same name in `ours` (DeiT's classifier: its two logits
+    too)."""
+    fields = ["last_hidden_state", "pooler_output", "logits"]
+    if isinstance(hf, tf.DeiTForImageClassificationWithTeacher):
+        fields += ["cls_logits", "distillation_logits"]
+    return {k: k for k in fields}
 
 
 TEXT_SHAPES = ((2, 40), (1, 9))  # (B, N): longer than modernbert_test's 16-token local window, and shorter

@@ -56,9 +56,13 @@ in Tessera's venv and cross-checks each against transformers 4.57 there):
                        before the pooled norm)
   pooler_output      = ours.forward_head(features, pre_logits=True)  (ViTModel: the normed cls token through
                        the exported identity pooler; Swin/V2: token mean; ConvNeXt/V2: normed map mean; where
-                       the HF model has one: not PvtV2Model, PoolFormerModel, or a ViTModel without pooler)
+                       the HF model has one: not PvtV2Model, PoolFormerModel, or a ViTModel without pooler);
+                       DeiTModel (a ViT with distill_token): features[:, 0], the normed cls token through its
+                       identity pooler (Tessera's pooled features, the mean of the cls and distillation
+                       tokens, are no DeiT output)
   logits             = ours(x)  (a classifier head; PoolFormer without one: its pooled features, as its
-                       exported Identity classifier gives)
+                       exported Identity classifier gives; DeiTForImageClassificationWithTeacher: the mean of
+                       cls_logits, distillation_logits = ours.forward_head_distilled(features))
   MAE (ViTMAEForPreTraining, noise given): logits = Tessera's `pred`, loss, mask, ids_restore; ViTMAEModel's
                        last_hidden_state = the encoder on the kept tokens (Tessera's `latent`)
   SimMIM ({ViT,Swin,Swinv2}ForMaskedImageModeling, bool_masked_pos = Tessera's stem mask flattened, (B, L) bool):

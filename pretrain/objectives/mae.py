@@ -70,7 +70,9 @@ class MAE(nn.Module):
         if noise is None:
             noise = torch.rand(B, L, device=images.device)  # global RNG, seeded per step by the loop
         ids_keep, mask, ids_restore = random_masking(noise, self.cfg.mask_ratio)
-        latent = self.backbone.forward_features(images, ids_keep=ids_keep)  # (B, 1 + K, D)
+        latent = self.backbone.forward_features(images, ids_keep=ids_keep)  # (B, P + K, D)
+        if self.backbone.num_prefix_tokens > 1:  # DeiT: [cls, dist, kept]: the decoder reads [cls, kept]
+            latent = torch.cat([latent[:, :1], latent[:, self.backbone.num_prefix_tokens :]], dim=1)
         pred = self.decoder(latent, ids_restore)  # (B, L, p*p*C)
         target = patchify(images.float(), self.backbone.patch_size)  # normalized in fp32 even under bf16
         loss = mae_loss(pred, target, mask, self.cfg.norm_pix_loss)
