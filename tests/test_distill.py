@@ -243,7 +243,12 @@ def test_store_bytes_do_not_depend_on_world_size_workers_or_start_epoch(tmp_path
 def test_check_mode_reports_fp16_error_only(store, digits_shards):
     proc = py(
         ["-m", "pretrain.distill", "check", STORED, "--samples", "64"]
-        + sets(f"objective.teacher_outputs={store}", f"data.local={digits_shards}", *RANDOM_TEACHER)
+        + sets(
+            f"objective.teacher_outputs={store}",
+            f"data.local={digits_shards}",
+            "objective.topk=5",
+            *RANDOM_TEACHER,
+        )
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("[check]")][0]
@@ -421,3 +426,60 @@ def test_two_ranks_train_like_one(tmp_path, digits_shards, engine):
 
     model, _ = load_checkpoint_model(two)
     assert not any("teacher" in k for k in model.state_dict())
+
+
+# --- DeiT and the export of students ---------------------------------------------------------------------
+
+
+def test_deit_hard_and_soft_losses_are_what_deit_computes():
+    cfg = load_config(str(ROOT / "configs" / "deit_tiny.yaml"))
+    model = build_model(cfg)
+    assert model.distilled and model.cfg.hard
+    torch.manual_seed(0)
+    batch = {"image": torch.randn(4, 1, 32, 32), "label": torch.tensor([0, 3, 5, 9])}
+    out = model(batch)
+    feats = model.backbone.forward_features(batch["image"])
+    cls, dist = model.backbone.forward_head_distilled(feats)
+    t = model.teacher(batch["image"], model.student_input)["logits"]
+    want = 0.5 * F.cross_entropy(cls, batch["label"]) + 0.5 * F.cross_entropy(dist, t.argmax(-1))
+    assert torch.allclose(out["loss"], want, atol=1e-6)
+    soft = build_model(
+        load_config(
+            str(ROOT / "configs" / "deit_tiny.yaml"), ["objective.hard=false", "objective.temperature=3.0"]
+        )
+    )
+    soft.load_state_dict(model.state_dict())
+    out = soft(batch)
+    kd = (
+        F.kl_div(
+            F.log_softmax(dist / 3, -1), F.log_softmax(t / 3, -1), reduction="batchmean", log_target=True
+        )
+        * 9
+    )
+    assert torch.allclose(out["loss"], 0.5 * F.cross_entropy(cls, batch["label"]) + 0.5 * kd, atol=1e-5)
+    assert torch.allclose(model.backbone(batch["image"]), (cls + dist) / 2, atol=1e-6)  # inference: the mean
+
+
+def test_a_distilled_student_exports_without_its_store(tmp_path, store, digits_shards):
+    """Export (and probe) rebuild the student from the run's config.yaml, which records the resolved head size:
+    neither the teacher nor the store is read, so a store deleted after training does not matter."""
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    run = tmp_path / "run"
+    py(
+        ["-m", "pretrain.train", STORED]
+        + sets(
+            f"objective.teacher_outputs={copy}",
+            f"data.local={digits_shards}",
+            "objective.topk=5",
+            f"run.output_dir={run}",
+            "run.progress=false",
+            "train.max_steps=2",
+            *RANDOM_TEACHER,
+        )
+    )
+    shutil.rmtree(copy)
+    py(["-m", "pretrain.export", str(run), str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+        "ConvNextForImageClassification"
+    ]

@@ -28,7 +28,7 @@ def workdir(tmp_path_factory, digits_shards):
     """out/demo_hf (an MAE export, as scripts/demo.sh makes), out/classify_hf and out/swin_hf (classification
     exports, as README and docs/backbones.md make), out/clm_tiny_hf and out/mlm_tiny_hf (text exports, as
     docs/text.md makes), out/simmim_swin_hf (a SimMIM export, as docs/mim.md makes), out/clip_tiny_hf (a CLIPModel
-    export, as docs/contrastive.md makes), from a few steps of the tiny configs."""
+    export, as docs/contrastive.md makes), out/deit_tiny_hf (a DeiT export, as docs/distill.md makes), from a few steps of the tiny configs."""
     root = tmp_path_factory.mktemp("docs")
     classify = str(ROOT / "configs" / "classify_tiny.yaml")
     runs = {"demo_hf": tiny_args(root / "runs" / "demo_hf", digits_shards, "train.max_steps=2")}
@@ -64,6 +64,14 @@ def workdir(tmp_path_factory, digits_shards):
         "--set",
         "run.progress=false",
     ]
+    runs["deit_tiny_hf"] = [str(ROOT / "configs" / "deit_tiny.yaml")]  # docs/distill.md
+    runs["deit_tiny_hf"] += [
+        "--set",
+        f"run.output_dir={root / 'runs' / 'deit_tiny_hf'}",
+        "--set",
+        "run.progress=false",
+    ]
+    runs["deit_tiny_hf"] += ["--set", f"data.local={digits_shards}", "--set", "train.max_steps=2"]
     for out, args in runs.items():
         assert main(args) == 0
         assert export.main([str(root / "runs" / out), str(root / "out" / out)]) == 0

@@ -20,6 +20,7 @@ targets come from the store instead, looked up by each sample's (epoch, id); no 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,6 +66,9 @@ class DistillConfig:
     feature_weight: float = 0.0
     feature_stage: int = -1
     feature_norm: bool = True
+    # Filled in when the objective is built (the teacher's pooled feature width), like num_classes: a run's
+    # config.yaml then rebuilds the trained student without loading its teacher or store (export, probe).
+    teacher_feature_dim: int = 0
 
     def validate(self) -> None:
         if not self.teacher and not self.teacher_outputs:
@@ -176,18 +180,25 @@ class Distill(nn.Module):
         self.student_input = student_input(data)
         self.teacher = None  # pretrain.teacher.Teacher (not a Module: never registered)
         self.store = None  # pretrain.teacher_store.TeacherStore
-        if cfg.teacher:
-            self.teacher = _cached_teacher(cfg, data)
-        if cfg.teacher_outputs:
-            self.store = _open_store(cfg, data, seed, self.teacher)
-            classes = self.store.num_classes
+        resolved = bool(cfg.num_classes and (cfg.feature_weight == 0 or cfg.teacher_feature_dim))
+        if (
+            _WITHOUT_TEACHER and resolved
+        ):  # rebuilding a trained student (export, probe): no teacher, no store
+            classes = cfg.num_classes
         else:
-            classes = self.teacher.num_classes
-            if classes == 0 and cfg.kd_weight > 0:
-                raise ConfigError(
-                    f"objective.teacher: {self.teacher.description} has no classifier head; logit distillation "
-                    "(objective.kd_weight > 0) needs one; use feature distillation (kd_weight: 0, feature_weight > 0)"
-                )
+            if cfg.teacher:
+                self.teacher = _cached_teacher(cfg, data)
+            if cfg.teacher_outputs:
+                self.store = _open_store(cfg, data, seed, self.teacher)
+                classes = self.store.num_classes
+            else:
+                classes = self.teacher.num_classes
+                if classes == 0 and cfg.kd_weight > 0:
+                    raise ConfigError(
+                        f"objective.teacher: {self.teacher.description} has no classifier head; logit "
+                        "distillation (objective.kd_weight > 0) needs one; use feature distillation (kd_weight: 0, "
+                        "feature_weight > 0)"
+                    )
         num = cfg.num_classes or classes
         if cfg.kd_weight > 0 and num != classes:
             raise ConfigError(
@@ -197,7 +208,7 @@ class Distill(nn.Module):
             raise ConfigError(
                 "objective.num_classes: the student needs >= 2 outputs (set it for feature-only runs)"
             )
-        self.num_classes = num
+        self.num_classes = cfg.num_classes = num  # recorded in the run's config.yaml (see _WITHOUT_TEACHER)
         self.backbone = backbone
         backbone.reset_classifier(num)  # the head lives in the backbone: it exports with it
         self.distilled = getattr(backbone, "dist_token", None) is not None  # DeiT: ViT with distill_token
@@ -217,8 +228,10 @@ class Distill(nn.Module):
                 if cfg.feature_stage == -1
                 else backbone.feature_info[cfg.feature_stage]["num_chs"]
             )
-            with torch.device("cpu"):
-                dim = self.teacher.num_features
+            if self.teacher is not None:
+                with torch.device("cpu"):
+                    cfg.teacher_feature_dim = self.teacher.num_features
+            dim = cfg.teacher_feature_dim
             self.feature_proj = nn.Linear(width, dim)  # (C_s) -> (F_t)
 
     # --- the student -----------------------------------------------------------------------------------
@@ -316,6 +329,20 @@ def _dense(found, num_classes: int) -> torch.Tensor:
 
 
 _TEACHERS: dict = {}
+_WITHOUT_TEACHER = False
+
+
+@contextlib.contextmanager
+def without_teacher():
+    """Build distill objectives of finished runs without their teacher or store (pretrain.export's
+    load_checkpoint_model: exporting or probing a student must not need the teacher, nor a store that is gone).
+    The run's config.yaml holds the resolved num_classes and teacher_feature_dim this needs."""
+    global _WITHOUT_TEACHER
+    old, _WITHOUT_TEACHER = _WITHOUT_TEACHER, True
+    try:
+        yield
+    finally:
+        _WITHOUT_TEACHER = old
 
 
 def _cached_teacher(cfg: DistillConfig, data):
