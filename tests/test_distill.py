@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -483,3 +484,43 @@ def test_a_distilled_student_exports_without_its_store(tmp_path, store, digits_s
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
         "ConvNextForImageClassification"
     ]
+
+
+def test_a_transformers_classifier_tessera_has_no_family_for_is_a_teacher(tmp_path):
+    """A Hugging Face folder of a family Tessera cannot import (ResNet) is loaded through transformers' own Auto
+    classes, with the folder's preprocessing: logits from AutoModelForImageClassification, pooled features."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=7, layer_type="basic"
+    )
+    ResNetForImageClassification(cfg).eval().save_pretrained(tmp_path / "resnet")
+    (tmp_path / "resnet" / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"size": {"height": 40, "width": 40}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.2, 0.2, 0.2]}
+        )
+    )
+    t = load_teacher(str(tmp_path / "resnet"))
+    assert t.num_classes == 7 and t.input.image_size == 40 and "transformers" in t.description
+    student = TeacherInput(28, 1, (0.3,), (0.35,))
+    out = t(torch.randn(2, 1, 28, 28), student)
+    assert out["logits"].shape == (2, 7) and out["features"].shape == (2, 16)
+
+
+def test_save_teacher_refuses_more_top_k_than_classes(tmp_path, digits_shards):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.distill", "save-teacher", STORED]
+        + sets(
+            f"objective.teacher_outputs={tmp_path / 's'}",
+            f"data.local={digits_shards}",
+            "objective.topk=11",
+            *RANDOM_TEACHER,
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "objective.topk: 11 is more than the teacher's 10 classes" in proc.stderr
+    assert not (tmp_path / "s").exists()
