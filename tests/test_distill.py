@@ -524,3 +524,18 @@ def test_save_teacher_refuses_more_top_k_than_classes(tmp_path, digits_shards):
     )
     assert proc.returncode == 2 and "objective.topk: 11 is more than the teacher's 10 classes" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_feature_stage_is_read_in_the_same_pass():
+    """feature_stage = 1 of a hierarchical student: the pooled stage map and the logits of one pass equal
+    forward_intermediates' map and forward()'s logits; the projection maps it to the teacher's width."""
+    model = build_model(load_config(TINY, ["objective.feature_stage=1"]))
+    b = model.backbone.eval()
+    x = torch.randn(3, 1, 32, 32)
+    kd_logits, _, pooled = model._student(x)
+    assert torch.allclose(pooled, b.forward_intermediates(x, indices=[1])[0].mean((2, 3)), atol=1e-6)
+    assert torch.allclose(kd_logits, b(x), atol=1e-6)
+    assert (
+        model.feature_proj.in_features == b.feature_info[1]["num_chs"]
+        and model.feature_proj.out_features == 1280
+    )
