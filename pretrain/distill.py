@@ -1,6 +1,6 @@
 """Stored teacher outputs: write them once, check them.
 
-    python -m pretrain.distill save-teacher CONFIG [--epochs E] [--set key=value ...]
+    python -m pretrain.distill save-teacher CONFIG [--epochs E] [--check] [--set key=value ...]
     python -m pretrain.distill check CONFIG [--samples N] [--set key=value ...]
 
 CONFIG is the student's config: objective `distill` with `teacher` (+ `teacher_weights`) and `teacher_outputs: DIR`.
@@ -240,6 +240,14 @@ def check(cfg, ctx, samples: int = 256, seed: int = 0) -> dict:
     return {"records": n, "mean_abs_error": err / total, "index_mismatch_rate": mismatched / total}
 
 
+def _print_check(out: dict, ctx) -> None:
+    if ctx.is_main:
+        print(
+            f"[check] {out['records']} records: mean |stored - recomputed| probability "
+            f"{out['mean_abs_error']:.2e}, class indices differing {out['index_mismatch_rate']:.2%}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     from launch.accelerate import LaunchError, merge_overrides
     from pretrain.dist import init_distributed, shutdown
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("config")
     s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--check", action="store_true", help="then recompute a sample of records (as `check`)")
+    s.add_argument("--samples", type=int, default=256, help="records --check recomputes")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c = sub.add_parser("check", help="recompute a sample of stored records and report the error")
     c.add_argument("config")
@@ -277,13 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             root = save_teacher(cfg, ctx, args.epochs, log=print if ctx.is_main else (lambda *_: None))
             if ctx.is_main:
                 print(f"[save-teacher] {root} complete in {time.time() - t0:.1f} s")
+            if args.check:
+                _print_check(check(cfg, ctx, args.samples), ctx)
         else:
-            out = check(cfg, ctx, args.samples)
-            if ctx.is_main:
-                print(
-                    f"[check] {out['records']} records: mean |stored - recomputed| probability "
-                    f"{out['mean_abs_error']:.2e}, class indices differing {out['index_mismatch_rate']:.2%}"
-                )
+            _print_check(check(cfg, ctx, args.samples), ctx)
         return 0
     except (ConfigError, ShardError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -241,9 +241,11 @@ def test_store_bytes_do_not_depend_on_world_size_workers_or_start_epoch(tmp_path
     assert _bytes(root) == _bytes(store) and meta["epochs"] == [0, 1]
 
 
-def test_check_mode_reports_fp16_error_only(store, digits_shards):
+@pytest.mark.parametrize("cmd", [["check"], ["save-teacher", "--epochs", "2", "--check"]])
+def test_check_mode_reports_fp16_error_only(store, digits_shards, cmd):
+    """`check` (and `save-teacher --check` on a complete store: nothing redone) recompute 64 records."""
     proc = py(
-        ["-m", "pretrain.distill", "check", STORED, "--samples", "64"]
+        ["-m", "pretrain.distill", cmd[0], STORED, *cmd[1:], "--samples", "64"]
         + sets(
             f"objective.teacher_outputs={store}",
             f"data.local={digits_shards}",
@@ -539,3 +541,25 @@ def test_feature_stage_is_read_in_the_same_pass():
         model.feature_proj.in_features == b.feature_info[1]["num_chs"]
         and model.feature_proj.out_features == 1280
     )
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["online", "stored"])
+def test_resume_is_bit_exact(tmp_path, store, digits_shards, stored):
+    """Stopped at step 3 and relaunched = uninterrupted, loss for loss (the teacher is reloaded, the store re-read)."""
+    config = STORED if stored else TINY
+    extra = [f"objective.teacher_outputs={store}", "objective.topk=5", *RANDOM_TEACHER] if stored else []
+    common = [
+        f"data.local={digits_shards}",
+        "run.progress=false",
+        "train.max_steps=6",
+        "checkpoint.interval=3",
+        *extra,
+    ]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    py(["-m", "pretrain.train", config] + sets(f"run.output_dir={ref}", *common))
+    py(["-m", "pretrain.train", config] + sets(f"run.output_dir={cut}", *common, "train.stop_at_step=3"))
+    proc = py(["-m", "pretrain.train", config] + sets(f"run.output_dir={cut}", *common))
+    assert "resumed from" in proc.stdout
+    a, b = read_metrics(ref), read_metrics(cut)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
