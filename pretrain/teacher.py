@@ -261,7 +261,6 @@ def _from_registry(name: str, weights: str | None, kwargs: dict, student: Teache
         path = Path(weights)
         if not path.is_file():
             raise ConfigError(f"{key}teacher_weights: {weights!r} is not a file (a state dict of {name!r})")
-        pre = TeacherInput(pre.image_size, 3, pre.mean, pre.std) if student is None else pre
     sd = _read_state_dict(path, key)
     head = _head_keys(name, kwargs)
     num_classes = next((int(sd[k].shape[0]) for k in head if k in sd and k.endswith("weight")), 0)
@@ -283,13 +282,16 @@ def _from_registry(name: str, weights: str | None, kwargs: dict, student: Teache
             f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}"
             + (f", shape mismatches {_few(shapes)}" if shapes else "")
         )
-    pre = TeacherInput(
-        pre.image_size,
-        in_chans,
-        pre.mean[:in_chans] if in_chans == 1 else pre.mean,
-        pre.std[:in_chans] if in_chans == 1 else pre.std,
-    )
-    return net, pre, f"{name} with weights {path}"
+    return net, _with_channels(pre, in_chans), f"{name} with weights {path}"
+
+
+def _with_channels(pre: TeacherInput, channels: int) -> TeacherInput:
+    """`pre` for a network taking `channels` inputs: per-channel stats cut to one channel for a grayscale net
+    (a single mean / std applies to every channel otherwise: convert_images broadcasts it)."""
+    if channels == pre.channels:
+        return pre
+    cut = (lambda v: v[:1]) if channels == 1 else (lambda v: v)
+    return TeacherInput(pre.image_size, channels, cut(pre.mean), cut(pre.std))
 
 
 def _few(keys: Sequence[str], n: int = 6) -> str:
@@ -359,8 +361,9 @@ def _from_path(path: Path, key: str):
         if getattr(net, "modality", "image") != "image":
             raise ConfigError(f"{key}teacher: {str(path)!r} is not an image model")
         chans = int(net.hparams().get("in_chans", pre.channels))
-        if chans != pre.channels:  # a grayscale run exported for pipelines: from_hf gave its 1 channel back
-            pre = TeacherInput(pre.image_size, chans, pre.mean[:chans], pre.std[:chans])
+        pre = _with_channels(
+            pre, chans
+        )  # a grayscale run exported for pipelines: from_hf gave its 1 channel back
         return net, pre, f"Hugging Face folder {path}"
     except (ValueError, KeyError) as e:
         tf = __import__("ops.compat", fromlist=["import_transformers"]).import_transformers()
