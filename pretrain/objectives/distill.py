@@ -126,14 +126,13 @@ def kd_loss(
 
 
 def student_input(data) -> object:
-    """The student's image preprocessing (pretrain.teacher.TeacherInput) from the run's DataConfig."""
-    from pretrain.data.sources import get_dataset
+    """The student's image preprocessing (pretrain.teacher.TeacherInput) from the run's DataConfig: its eval
+    transform, as the export's image processor records it (pretrain.hf_files.Preprocess)."""
+    from pretrain.hf_files import Preprocess
     from pretrain.teacher import TeacherInput
 
-    info = get_dataset(data.dataset)
-    return TeacherInput(
-        data.image_size, info.channels, tuple(data.mean or info.mean), tuple(data.std or info.std)
-    )
+    p = Preprocess.from_data(data)
+    return TeacherInput(p.image_size, p.channels, p.mean, p.std)
 
 
 def load_configured_teacher(cfg: DistillConfig, data):
