@@ -362,3 +362,66 @@ def test_global_batch_size_derives_accumulation_and_resume_checks_it(tmp_path, d
     err = capsys.readouterr().err
     assert "global batch of 32" in err and "train.grad_accum_steps=2" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refused, nothing touched
+
+
+_RACE_JOB = r"""
+import os, sys, time
+from pathlib import Path
+
+from pretrain.data import DataConfig, build_train_loader
+from pretrain.data.compat import import_streaming
+from pretrain.dist import DistContext
+
+streaming = import_streaming()
+prefix = streaming.base.shared.prefix
+walk = prefix._check_and_find
+last = streaming.base.constant.SHM_TO_CLEAN[-1]  # the walks go name by name; then `<prefix>_locals` is created
+
+
+def slow_walk(local, remote, shm_name):  # widen streaming's window between finding a prefix and creating it
+    found = walk(local, remote, shm_name)
+    if shm_name == last:
+        time.sleep(1.0)
+    return found
+
+
+prefix._check_and_find = slow_walk
+work, me, shards = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+(work / f"ready-{me}").touch()
+while not (work / "go").exists():
+    time.sleep(0.01)
+cfg = DataConfig(dataset="digits", local=shards, image_size=8, num_workers=0)
+with build_train_loader(cfg, DistContext(), micro_batch_size=8, seed=1) as loader:
+    next(iter(loader.loader))
+print("prefix", loader.dataset._shm_prefix_int)
+"""
+
+
+def test_jobs_starting_together_on_one_node_all_get_a_streaming_prefix(tmp_path, digits_shards):
+    """Three runs start at the same instant (a job array, or gpu_check's A/B/C): streaming alone would hand
+    them one prefix, and all but one would die with FileExistsError on `<prefix>_locals`."""
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE_JOB, str(tmp_path), str(i), digits_shards],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 3:
+            assert time.monotonic() < deadline and all(j.poll() is None for j in jobs), [
+                j.communicate()[0][-2000:] for j in jobs if j.poll() is not None
+            ]
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outs = [j.communicate(timeout=120)[0] for j in jobs]
+    finally:
+        for j in jobs:
+            if j.poll() is None:
+                j.kill()
+    assert [j.returncode for j in jobs] == [0, 0, 0], [o[-2000:] for o in outs]
+    assert all("prefix " in o for o in outs), outs

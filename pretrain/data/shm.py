@@ -6,13 +6,22 @@ that names the same local directory makes the next run's dataset refuse to start
 `clean_stale_shared_memory` unlinks every segment from prefix 0 up, live ones included, which would pull the
 segments from under another job training on the same node. Here a segment is stale only when no process on the
 machine has it mapped (every StreamingDataset and loader worker maps the segments it uses).
+
+streaming also races with itself: each new dataset walks the prefixes to the first free one and then creates
+`<prefix>_locals`, so two jobs starting together on one node can pick the same prefix and one dies with
+`FileExistsError: '/<prefix>_locals'`. `prefix_lock` serializes that step between Tessera processes on a node.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
+import tempfile
+import time
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -66,6 +75,55 @@ def clean_stale_segments() -> list[str]:
     if removed:
         log.info("removed %d streaming shared-memory segments leaked by killed processes", len(removed))
     return removed
+
+
+def prefix_lock_path() -> str:
+    """The node-wide lock file (in the temp dir, where streaming keeps its own file locks)."""
+    return os.path.join(tempfile.gettempdir(), "tessera-streaming-prefix.lock")
+
+
+@contextlib.contextmanager
+def prefix_lock(hold: bool, timeout_s: float = 300.0) -> Iterator[bool]:
+    """Hold the node's streaming-prefix lock while a dataset registers its shared memory; yields whether held.
+
+    Only a job's local leader takes it (`hold`), and its other ranks must start their own prefix walk after it
+    holds it (the caller's barrier), or they could read the prefixes before another job's registration. A lock
+    not had within `timeout_s` (say two multi-node jobs each holding one node) is given up with a warning: then
+    streaming's own race is back, which is no worse than without the lock.
+    """
+    if not hold:
+        yield False
+        return
+    path = prefix_lock_path()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access: another user's file works
+    except OSError as err:
+        log.warning("cannot open %s (%s): registering the streaming prefix without the node lock", path, err)
+        yield False
+        return
+    held = False
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "%s still held by another process after %.0f s: registering the streaming prefix "
+                        "without it",
+                        path,
+                        timeout_s,
+                    )
+                    break
+                time.sleep(0.05)
+        yield held
+    finally:
+        if held:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def release_dataset_memory(ds: Any) -> None:

@@ -29,7 +29,7 @@ from pretrain.data.loader import TrainLoader
 from pretrain.data.mds import ShardError, read_meta
 from pretrain.data.packing import Packer
 from pretrain.data.prepare import ensure_all_shards
-from pretrain.data.shm import clean_stale_segments
+from pretrain.data.shm import clean_stale_segments, prefix_lock
 from pretrain.data.sources import get_dataset
 from pretrain.data.tokenizer import TokenizerInfo, tokenizer_info
 from pretrain.data.transforms import ImageTransform
@@ -299,7 +299,6 @@ def build_train_loader(
         )
     streams = cfg.stream_configs()
     metas = [read_meta(os.path.abspath(s.remote or d)) or {} for s, d in zip(streams, dirs)]
-    _clean_stale_shared_memory(ctx)
     tok = tokenizer_info(cfg)  # trained by now (ensure_all_shards)
     text = get_dataset(cfg.dataset).modality == "text"  # packed into rows; images and pairs are batched as is
     fetch = _docs_per_fetch(cfg, metas, micro_batch_size) if text else micro_batch_size
@@ -321,14 +320,18 @@ def build_train_loader(
             "local": os.path.abspath(dirs[0]),
             "remote": os.path.abspath(cfg.remote) if cfg.remote else None,
         }
-    dataset = _dataset_class()(
-        decoder=sample_decoder(cfg, tok),
-        aug_seed=seed,
-        **where,
-        shuffle=cfg.shuffle,
-        shuffle_seed=seed,
-        batch_size=fetch,  # streaming needs it to partition batches deterministically across workers
-    )
+    # One job at a time per node picks a shared-memory prefix (pretrain.data.shm.prefix_lock); inside the lock,
+    # so no other Tessera job is registering while the leftovers of killed ones are cleaned.
+    with prefix_lock(ctx.local_rank == 0):
+        _clean_stale_shared_memory(ctx)  # ends in a barrier: the other ranks walk the prefixes once it is held
+        dataset = _dataset_class()(
+            decoder=sample_decoder(cfg, tok),
+            aug_seed=seed,
+            **where,
+            shuffle=cfg.shuffle,
+            shuffle_seed=seed,
+            batch_size=fetch,  # streaming needs it to partition batches deterministically across workers
+        )
     loader = _loader_class()(
         dataset,
         batch_size=fetch,
