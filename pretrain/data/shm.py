@@ -96,7 +96,8 @@ def prefix_lock(hold: bool, timeout_s: float = 300.0) -> Iterator[bool]:
         return
     path = prefix_lock_path()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access: another user's file works
+        # read-only: flock needs no write access, so another user's lock file works too
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as err:
         log.warning("cannot open %s (%s): registering the streaming prefix without the node lock", path, err)
         yield False

@@ -323,7 +323,8 @@ def build_train_loader(
     # One job at a time per node picks a shared-memory prefix (pretrain.data.shm.prefix_lock); inside the lock,
     # so no other Tessera job is registering while the leftovers of killed ones are cleaned.
     with prefix_lock(ctx.local_rank == 0):
-        _clean_stale_shared_memory(ctx)  # ends in a barrier: the other ranks walk the prefixes once it is held
+        # ends in a barrier: the other ranks walk the prefixes only once it is held
+        _clean_stale_shared_memory(ctx)
         dataset = _dataset_class()(
             decoder=sample_decoder(cfg, tok),
             aug_seed=seed,
