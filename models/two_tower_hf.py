@@ -51,6 +51,7 @@ from models.swin import SwinTransformer
 from models.swin_v2 import SwinTransformerV2
 from models.two_tower import LOGIT_SCALE_MAX, TwoTower
 from models.vit import VisionTransformer
+from models.vit_hf import check_all_tokens
 from ops.compat import import_transformers
 
 TARGETS = ("CLIPModel", "SiglipModel", "VisionTextDualEncoderModel")
@@ -302,6 +303,7 @@ def _state(module: nn.Module) -> dict:
 
 def vision_to_hf(vit: VisionTransformer, target: str, dst: str = "vision_model.") -> dict:
     """A CLIP / SigLIP ViT tower in CLIPVisionTransformer / SiglipVisionTransformer keys under `dst`."""
+    check_all_tokens(vit, target)
     sd = _state(vit)
     pos = vit.pos_embed.detach().float().cpu()[0].clone()  # (P + L, D); a sincos buffer is exported by value
     bias = sd.get("patch_embed.proj.bias")

@@ -25,6 +25,16 @@ Options for the image towers of CLIP / SigLIP (defaults give the plain ViT above
                tokens by a learned probe (`attn_pool`, SigLIP's multihead attention pooling head)
   patch_bias   False: the patch projection has no bias (CLIP)
   act          the MLP activation: "gelu" (erf), "gelu_tanh", "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
+
+Less work per step (models/token_reduce.py; off by default, and then bit-identical to the plain model):
+  tome_r          ToMe: merge this many patch tokens in every block (bipartite soft matching, proportional
+                  attention); forward_features then returns fewer tokens, (B, P + L - depth * r, D) at most
+  evit_keep_rate  EViT: at the blocks `evit_locs` (default: those at 1/4, 1/2 and 3/4 of the depth, EViT's
+                  4th, 7th and 10th of 12) keep this fraction of the patch tokens the cls token attends to most
+                  and fuse the rest into one token
+Both need the cls token pooled (global_pool="token"): the other pools would have to weigh merged tokens by their
+sizes. They apply to forward_features with or without `ids_keep`; a `mask` (SimMIM needs every token back) and
+forward_intermediates (a grid per block) refuse them, naming the switch.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from models.hierarchical import replace_masked
 from models.layers import Block, Mlp, drop_path_rates, init_mae_weights, sincos_pos_embed_2d
 from models.registry import register_sizes
+from models.token_reduce import check_reduction, reduced_block
 
 POOLS = ("token", "avg", "map")
 
@@ -131,6 +142,9 @@ class VisionTransformer(nn.Module):
         patch_bias: bool = True,
         act: str = "gelu",
         distill_token: bool = False,
+        tome_r: int = 0,
+        evit_keep_rate: float = 1.0,
+        evit_locs: list[int] | None = None,
     ):
         super().__init__()
         if pos_embed not in ("learned", "sincos"):
@@ -151,6 +165,14 @@ class VisionTransformer(nn.Module):
                 f"'token', got {global_pool!r}"
             )
         check_act(act)
+        evit_locs = sorted({depth // 4, depth // 2, 3 * depth // 4} if evit_locs is None else set(evit_locs))
+        check_reduction(tome_r, evit_keep_rate, tuple(evit_locs), depth)
+        if (tome_r > 0 or evit_keep_rate < 1.0) and global_pool != "token":
+            raise ValueError(
+                f"tome_r / evit_keep_rate need global_pool='token' (the cls token pooled), got {global_pool!r}: "
+                "averaged or attention-pooled tokens would have to be weighed by the patches each stands for"
+            )
+        self.tome_r, self.evit_keep_rate, self.evit_locs = tome_r, evit_keep_rate, evit_locs
         self.embed_dim = self.num_features = embed_dim
         self.in_chans, self.mlp_ratio, self.norm_eps = in_chans, mlp_ratio, norm_eps
         self.num_heads, self.qkv_bias, self.global_pool = num_heads, qkv_bias, global_pool
@@ -268,6 +290,31 @@ class VisionTransformer(nn.Module):
             x = torch.cat([tokens.expand(x.shape[0], -1, -1), x], dim=1)
         return self.norm_pre(x)  # (B, P + K, D)
 
+    @property
+    def reduces_tokens(self) -> bool:
+        """Whether ToMe (tome_r) or EViT (evit_keep_rate) drops tokens in the blocks."""
+        return self.tome_r > 0 or self.evit_keep_rate < 1.0
+
+    def _refuse_reduction(self, what: str) -> None:
+        if self.reduces_tokens:
+            switch = f"tome_r={self.tome_r}" if self.tome_r > 0 else f"evit_keep_rate={self.evit_keep_rate}"
+            raise ValueError(
+                f"{what} needs every patch token after each block: build the model with {switch} off"
+            )
+
+    def run_reduced_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks with ToMe merging / EViT pruning (models/token_reduce.py): (B, N, D) -> (B, N', D)."""
+        size = x.new_ones(x.shape[0], x.shape[1], 1)  # (B, N, 1): patches each token stands for
+        P = self.num_prefix_tokens
+        for i, blk in enumerate(self.blocks):
+            keep = self.evit_keep_rate if i in self.evit_locs else 1.0
+            args = (blk, x, size, P, self.tome_r, keep)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, size = checkpoint(reduced_block, *args, use_reentrant=False)
+            else:
+                x, size = reduced_block(*args)
+        return x
+
     def run_blocks(self, x: torch.Tensor, blocks=None) -> torch.Tensor:
         for blk in self.blocks if blocks is None else blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -279,6 +326,10 @@ class VisionTransformer(nn.Module):
     def forward_features(
         self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.reduces_tokens:
+            if mask is not None:
+                self._refuse_reduction("a SimMIM `mask`")
+            return self.norm(self.run_reduced_blocks(self.embed(images, ids_keep)))  # (B, P + K', D), K' <= K
         return self.norm(self.run_blocks(self.embed(images, ids_keep, mask)))  # (B, P + K, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -307,6 +358,7 @@ class VisionTransformer(nn.Module):
         self, images: torch.Tensor, indices: list[int] | None = None
     ) -> list[torch.Tensor]:
         """Spatial maps (B, D, H/p, W/p) after the blocks in `indices` (default: every block)."""
+        self._refuse_reduction("forward_intermediates")
         n = len(self.blocks)
         indices = list(range(n)) if indices is None else [i % n for i in indices]
         x, out = self.embed(images), []
@@ -343,6 +395,9 @@ class VisionTransformer(nn.Module):
             patch_bias=self.patch_bias,
             act=self.act,
             distill_token=self.dist_token is not None,
+            tome_r=self.tome_r,
+            evit_keep_rate=self.evit_keep_rate,
+            evit_locs=list(self.evit_locs),
         )
 
 

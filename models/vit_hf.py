@@ -79,6 +79,19 @@ def _blocks_from_hf(hf: dict, src: str, dst: str, depth: int) -> dict:
     return out
 
 
+def check_all_tokens(vit: VisionTransformer, target: str) -> None:
+    """ValueError naming the token-merging / pruning switch (models/token_reduce.py) if `vit` has one on: no
+    transformers ViT (ViT, DeiT, CLIP's or SigLIP's vision tower) drops tokens inside its encoder."""
+    h = vit.hparams()
+    for switch, off in (("tome_r", 0), ("evit_keep_rate", 1.0)):
+        if h[switch] != off:
+            raise ValueError(
+                f"VisionTransformer {switch}={h[switch]!r} has no {target} equivalent: transformers' ViT runs "
+                f"every patch token through every block. The weights are a plain ViT's: rebuild the model with "
+                f"{switch}={off!r} (model.kwargs) to export it"
+            )
+
+
 def check_vit_exportable(vit: VisionTransformer, target: str = "ViTModel") -> None:
     """ValueError naming the VisionTransformer option transformers' ViT (or, `target` "DeiTModel", DeiT)
     classes cannot express (the CLIP / SigLIP tower options: their exports are CLIPModel / SiglipModel,
@@ -96,6 +109,7 @@ def check_vit_exportable(vit: VisionTransformer, target: str = "ViTModel") -> No
         if not deit
         else "transformers' DeiT always has a distillation token (a plain ViT: ViTModel)",
     }
+    check_all_tokens(vit, target)
     h = vit.hparams()
     wanted = dict(pre_norm=False, class_token=True, act="gelu", distill_token=deit)
     for key, default in wanted.items():
