@@ -1,0 +1,75 @@
+"""ToMe merging and EViT pruning (models/token_reduce.py): ViT train-step throughput at several settings vs the
+plain model, side by side in one process (steps alternate A B C ..., so load on the machine hits all alike).
+
+    python benchmarks/token_reduce.py [--model vit_base_patch16] [--batch 8] [--steps 10] \
+        [--tome 8 13 16] [--evit 0.7 0.5]
+
+One train step = forward + cross-entropy on 10 classes + backward + AdamW, fp32, every model from the same initial
+weights and the same random batch (throughput does not depend on the pixels). Prints img/s, the tokens left after
+the last block and the speed-up over r = 0 / keep rate 1. What the switches cost in quality needs trainings:
+docs/benchmarks.md has both, with their commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import create_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="vit_base_patch16")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per setting (after 2 warm-up steps)")
+    ap.add_argument("--tome", type=int, nargs="*", default=[8, 13, 16], help="tome_r values")
+    ap.add_argument("--evit", type=float, nargs="*", default=[0.7, 0.5], help="evit_keep_rate values")
+    args = ap.parse_args(argv)
+    settings = [("plain", {})]
+    settings += [(f"tome_r={r}", dict(tome_r=r)) for r in args.tome]
+    settings += [(f"evit_keep_rate={k:g}", dict(evit_keep_rate=k)) for k in args.evit]
+    torch.manual_seed(0)
+    ref = create_model(args.model, num_classes=10)
+    runs = {}
+    for name, kw in settings:
+        model = create_model(args.model, num_classes=10, **kw)
+        model.load_state_dict(ref.state_dict())
+        runs[name] = (model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4))
+    h = ref.hparams()
+    x = torch.randn(args.batch, h["in_chans"], h["img_size"], h["img_size"])
+    y = torch.randint(0, 10, (args.batch,))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(args.steps + 2):
+        for name, (model, opt) in runs.items():
+            t0 = time.perf_counter()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    with torch.no_grad():
+        left = {name: model.forward_features(x[:1]).shape[1] for name, (model, _) in runs.items()}
+    base = statistics.median(times["plain"])
+    print(
+        f"{args.model} at {h['img_size']} px, batch {args.batch}, fp32, {torch.get_num_threads()} threads, "
+        f"{args.steps} timed steps per setting (median)"
+    )
+    print("| setting | tokens after the last block | img/s | speed-up |")
+    print("|---|---|---|---|")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"| {name} | {left[name]} | {args.batch / med:.1f} | {base / med:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
