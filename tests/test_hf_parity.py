@@ -65,12 +65,13 @@ def test_export_loads_with_transformers_and_matches(tmp_path, family, name, num_
     export.to_hf(model, tmp_path)
     arch = json.loads((tmp_path / "config.json").read_text())["architectures"][0]
     # a head exports as <Family>ForImageClassification (DeiT: ...WithTeacher); without one as <Family>Model,
-    # except where the HF base model drops weights Tessera trains (PoolFormerModel has no final norm: see
-    # models/poolformer_hf.py)
+    # except where the HF base model drops weights Tessera trains (PoolFormerModel and CvtModel have no final norm:
+    # see models/poolformer_hf.py, models/cvt_hf.py)
     assert arch in adapter.archs and (is_classifier(arch) or not num_classes)
     hf, info = getattr(tf, arch).from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched key in the class exported
-    if not num_classes and family != "poolformer":  # and in AutoModel (what feature-extraction pipelines use)
+    # and in AutoModel (what feature-extraction pipelines use)
+    if not num_classes and family not in ("poolformer", "cvt"):
         _, info = tf.AutoModel.from_pretrained(tmp_path, output_loading_info=True)
         assert not any(info.values()), info
     hf = hf.eval()

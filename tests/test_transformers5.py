@@ -497,6 +497,9 @@ def backbone_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
         "pooler_output": model.forward_head(feats, pre_logits=True),
         "logits": model(x),
     }
+    if type(model).__name__ == "CvT":  # tokens [cls, last map]: CvtModel returns the map and the cls apart
+        out["last_hidden_state"] = model.forward_intermediates(x, [-1])[0]
+        out["cls_token_value"] = feats[:, :1]
     if getattr(model, "dist_token", None) is not None:
         out["pooler_output"] = feats[:, 0]
         if model.hparams()["num_classes"]:
@@ -555,6 +558,8 @@ def same_names(hf: nn.Module) -> dict[str, str]:
     fields = ["last_hidden_state", "pooler_output", "logits"]
     if isinstance(hf, tf.DeiTForImageClassificationWithTeacher):
         fields += ["cls_logits", "distillation_logits"]
+    if isinstance(hf, tf.CvtModel):
+        fields.append("cls_token_value")
     return {k: k for k in fields}
 
 
