@@ -29,12 +29,19 @@ from models import (  # noqa: F401
     clip_text,
     convnext,
     convnext_hf,
+    crossvit,  # no transformers twin: models/crossvit_timm.py maps it to timm's reference, for tests
+    cswin,
+    cvt,
+    cvt_hf,
+    davit,
+    hornet,
     llama,
     llama_hf,
     maxvit,  # no transformers twin: models/maxvit_timm.py maps it to timm's reference, for tests and benchmarks
     mobilenet_v2,  # no HF adapter: torchvision's state-dict layout, tested against torchvision
     modernbert,
     modernbert_hf,
+    nat,
     poolformer,
     poolformer_hf,
     pvt_v2,
@@ -43,6 +50,7 @@ from models import (  # noqa: F401
     swin_hf,
     swin_v2,
     swin_v2_hf,
+    tiny_vit,  # no transformers twin: models/tiny_vit_timm.py maps it to timm's reference
     two_tower,  # image-text: any image backbone + any text model (builds its towers through create_model)
     vit,
     vit_hf,

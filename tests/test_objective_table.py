@@ -36,7 +36,12 @@ def render() -> str:
 
 
 def test_every_image_family_trains_with_a_masked_image_objective():
+    """...unless its architecture has no stem grid to mask (`stem_mask` gives the reason: CrossViT)."""
     for family, objs in family_rows():
+        cls = next(MODELS.get(n).builds for n in list_models() if MODELS.get(n).builds.__name__ == family)
+        if isinstance(getattr(cls, "stem_mask", None), str):
+            assert not set(objs) & set(MASKED) and "classify" in objs, family
+            continue
         assert set(objs) & set(MASKED), family
 
 
