@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.convnext import NORM_EPS, LayerNorm2d
-from models.hierarchical import HierarchicalBackbone, replace_masked, run_blocks
+from models.convnext import NORM_EPS, ConvNeXtLayout, LayerNorm2d
 from models.layers import drop_path, drop_path_rates
 from models.registry import register_sizes
 
@@ -128,7 +127,7 @@ class HorNetStage(nn.Module):
         )
 
 
-class HorNet(HierarchicalBackbone):
+class HorNet(ConvNeXtLayout):
     """HorNet with 7x7 depthwise filters: stem, then `len(depths)` stages of widths `dims` and gnconv `orders`."""
 
     def __init__(
@@ -191,42 +190,6 @@ class HorNet(HierarchicalBackbone):
         ]
         self.grad_checkpointing = False
         self.init_weights()
-
-    def init_weights(self) -> None:
-        """The official code: truncated normal (std 0.02) convs and linears with zero bias; unit LayerNorms and
-        layer scale at its init value (set in their constructors)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        if self.mask_token is not None:
-            nn.init.trunc_normal_(self.mask_token, std=0.02)
-
-    # --- contract -------------------------------------------------------------------------------
-    def no_weight_decay(self) -> set[str]:
-        return {"mask_token"} if self.mask_token is not None else set()
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Regexes grouping parameters by depth (for layer-wise LR decay); a downsample joins its stage's first
-        block, as for ConvNeXt."""
-        blocks = (
-            r"^stages\.(\d+)"
-            if coarse
-            else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)]
-        )
-        return {"stem": r"^stem|^mask_token", "blocks": blocks, "head": r"^norm|^head"}
-
-    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Stem output (B, C0, H/4, W/4); positions where `mask` (B, H/4, W/4) is True hold the mask token
-        (or zeros)."""
-        return replace_masked(self.stem(images), mask, self.mask_token, "channels_first")  # (B, C0, h, w)
-
-    def run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:  # (B, C_{i-1}, h, w) -> (B, C_i, h', w')
-        return run_blocks(self, self.stages[i].blocks, self.stages[i].downsample(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x.mean(dim=(2, 3)))  # (B, C3): global average pool, then LayerNorm
-        return x if pre_logits else self.head(x)
 
     def hparams(self) -> dict:
         """Constructor arguments that rebuild this architecture (for checkpoints and export)."""
