@@ -349,7 +349,8 @@ def test_any_image_tower_gives_tokens_and_embeddings(image):
         pooled = model.visual.forward_head(model.visual.forward_features(images), pre_logits=True)
         torch.testing.assert_close(model.encode_image(images, normalize=False), model.image_proj(pooled))
         assert model.encode_text(ids).shape == (2, 16)
-        if model.visual.forward_features(images).ndim == 2:  # CrossViT: two branches' tokens, no one token set
+        # CrossViT: its features are two branches' tokens, no one token set
+        if model.visual.forward_features(images).ndim == 2:
             with pytest.raises(ValueError, match="expected \\(B, N, D\\) or a map"):
                 model.encode_image_tokens(images)
             return
