@@ -165,7 +165,12 @@ class VisionTransformer(nn.Module):
                 f"'token', got {global_pool!r}"
             )
         check_act(act)
-        evit_locs = sorted({depth // 4, depth // 2, 3 * depth // 4} if evit_locs is None else set(evit_locs))
+        # None (the default) stays None in hparams: a rebuild at another depth gets that depth's default blocks
+        self._evit_locs_given = None if evit_locs is None else sorted(set(evit_locs))
+        if evit_locs is None:
+            evit_locs = sorted({depth // 4, depth // 2, 3 * depth // 4})
+        else:
+            evit_locs = self._evit_locs_given
         check_reduction(tome_r, evit_keep_rate, tuple(evit_locs), depth)
         if (tome_r > 0 or evit_keep_rate < 1.0) and global_pool != "token":
             raise ValueError(
@@ -397,7 +402,7 @@ class VisionTransformer(nn.Module):
             distill_token=self.dist_token is not None,
             tome_r=self.tome_r,
             evit_keep_rate=self.evit_keep_rate,
-            evit_locs=list(self.evit_locs),
+            evit_locs=self._evit_locs_given,
         )
 
 

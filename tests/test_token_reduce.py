@@ -152,3 +152,16 @@ def test_clip_export_refuses_a_merging_image_tower():
     model = create_model("clip_test", image_kwargs={"tome_r": 2})
     with pytest.raises(ValueError, match="tome_r=2 has no .* equivalent"):
         two_tower_to_hf(model)
+
+
+def test_default_evit_blocks_follow_the_depth_on_rebuild():
+    """hparams keep evit_locs=None when it was defaulted: a rebuild at another depth (benchmarks and smoke sizes
+    override depth) gets that depth's blocks; blocks given explicitly are kept and checked."""
+    model = vit(evit_keep_rate=0.5)  # depth 2: blocks [0, 1]
+    assert model.evit_locs == [0, 1] and model.hparams()["evit_locs"] is None
+    shallow = type(model)(**{**model.hparams(), "depth": 1})
+    assert shallow.evit_locs == [0]
+    given = vit(evit_keep_rate=0.5, evit_locs=[1, 1])
+    assert given.hparams()["evit_locs"] == [1]
+    with pytest.raises(ValueError, match="evit_locs: block indices \\[1\\] are outside 0..0"):
+        type(given)(**{**given.hparams(), "depth": 1})
