@@ -209,9 +209,15 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
+        """Delete all but the newest keep_last complete checkpoints. Each is unpublished first (renamed to
+        .old): a kill -9 mid-delete leaves an .old folder, removed at the next start, never a half-deleted
+        checkpoint whose meta.json still says it is complete."""
         done = sorted(p for p in self.root.glob("step_*") if is_complete(p))
         for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            trash = old.with_name(old.name + ".old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def load(self, folder: Path, engine: Engine) -> tuple[dict, dict]:
         """Restore engine state into `engine`; return (meta, this rank's state) and restore RNG.
