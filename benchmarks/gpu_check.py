@@ -322,7 +322,9 @@ def section_backbones(p: dict, emit, deadline: float) -> None:
                     f"{family}: {model} ({r['params_m']:.1f}M, {r['size']}px), batch {args.batch}",
                     time=f"{num(1000 * args.batch / r['ours'])} ms/step",
                     throughput=f"{num(r['ours'])} img/s",
-                    compare=f"{r['twin']} {num(r['theirs'])} img/s; Tessera / twin = {r['ratio']:.2f}; "
+                    compare="no twin runs here (timed alone)"
+                    if r["ratio"] is None
+                    else f"{r['twin']} {num(r['theirs'])} img/s; Tessera / twin = {r['ratio']:.2f}; "
                     f"float64 logits max diff {r['max_logit_diff']:.0e}",
                 )
             )

@@ -87,8 +87,13 @@ _EXTRA_FORMULAS = {
 
 def count_train_flops(module: torch.nn.Module, batch: dict) -> int:
     """FLOPs of one forward + backward of `module(batch)["loss"]` (any device, meta included)."""
+    return count_flops(lambda: module(batch)["loss"].backward())
+
+
+def count_flops(thunk) -> int:
+    """FLOPs of whatever `thunk()` runs (a train step of any model), counted as `count_train_flops` counts."""
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
-        module(batch)["loss"].backward()
+        thunk()
     return counter.get_total_flops()
 
 
