@@ -39,15 +39,20 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_qk: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, C) -> (B, N, C); with return_qk also q and k (B, H, N, hd) (ToMe's metric, EViT's cls
+        attention: models/token_reduce.py)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # each (B, N, H, hd)
         drop = self.attn_drop if self.training else 0.0
         # transposed views, not one permuted copy: backward then rebuilds the qkv gradient without an extra
         # copy (measured ~1.4x faster attention fwd+bwd at ViT-B encoder shapes on CPU)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, hd)
-        x = attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, backend=self.backend)  # (B, H, N, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        out = attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, backend=self.backend)  # (B, H, N, hd)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return (out, q, k) if return_qk else out
 
 
 class Mlp(nn.Module):

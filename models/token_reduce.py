@@ -27,19 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.layers import drop_path
-from ops.attention import attention
 
 
 def _attend(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """blk.attn on norm1(x) with an additive key bias (B, 1, 1, N) or None: (out (B, N, D), q, k), q and k
     (B, H, N, hd) for the matching metric and the cls attention."""
-    attn = blk.attn
-    B, N, C = x.shape
-    qkv = attn.qkv(blk.norm1(x)).view(B, N, 3, attn.num_heads, attn.head_dim).unbind(2)
-    q, k, v = (t.transpose(1, 2) for t in qkv)  # each (B, H, N, hd)
-    drop = attn.attn_drop if attn.training else 0.0
-    out = attention(q, k, v, attn_mask=bias, dropout_p=drop, backend=attn.backend)  # (B, H, N, hd)
-    return attn.proj(out.transpose(1, 2).reshape(B, N, C)), q, k
+    return blk.attn(blk.norm1(x), bias, return_qk=True)
 
 
 def bipartite_merge(
