@@ -203,7 +203,8 @@ class TwoTower(nn.Module):
             return feats[:, getattr(self.visual, "num_prefix_tokens", 0) :]
         if feats.ndim != 4:
             raise ValueError(
-                f"image tower features of shape {tuple(feats.shape)}: expected (B, N, D) or a map"
+                f"image tower {type(self.visual).__name__}: features of shape {tuple(feats.shape)} are not "
+                "per-token (expected (B, N, D) or a map), so token-wise objectives (filip) cannot use this family"
             )
         norm = getattr(self.visual, "norm", None)
         if isinstance(norm, nn.GroupNorm):  # PoolFormer: normalizes the whole map
