@@ -44,6 +44,9 @@ SOFT_HPARAMS = {
     "pretrained_window_sizes",
     "post_norm_zero_init",
     "max_seq_len",
+    "tome_r",  # ToMe / EViT token reduction: fine-tuning an unreduced model with them (ToMe's MAE recipe)
+    "evit_keep_rate",
+    "evit_locs",
 }
 SHOWN = 10  # mismatches listed per kind in an error
 

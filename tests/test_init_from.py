@@ -106,6 +106,25 @@ def test_finetune_starts_at_the_pretrained_backbone(
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["acc"] <= 1 for r in rows)
 
 
+@pytest.mark.parametrize("switch", ["tome_r=2", "evit_keep_rate=0.5"])
+def test_finetune_with_token_reduction_from_a_plain_run(
+    tmp_path, digits_shards, mae_run, monkeypatch, capsys, switch
+):
+    """ToMe's MAE recipe: fine-tune with merging (or EViT pruning) from weights pretrained without. The weights
+    mean the same thing; the switch is a note in the log, not a mismatch."""
+    key, value = switch.split("=")
+    step0 = capture_step0(monkeypatch)
+    kwargs = f'model.kwargs={{"pos_embed": "learned", "{key}": {value}}}'
+    assert main(finetune_args(tmp_path / "ft", digits_shards, mae_run, "train.max_steps=2", kwargs)) == 0
+    pretrained, _ = export.load_checkpoint_model(mae_run)
+    assert_same(step0, backbone_state(pretrained))
+    log = capsys.readouterr().out
+    default = {"tome_r": "0", "evit_keep_rate": "1.0"}[key]
+    assert f"settings that differ from the source (the weights fit): {key} {default} -> {value}" in log
+    tuned, _ = export.load_checkpoint_model(tmp_path / "ft")
+    assert str(getattr(tuned.backbone, key)) == value
+
+
 def test_continued_pretraining_keeps_the_objective_fresh(mae_run):
     """MAE from an MAE run: the encoder is loaded, the decoder (outside the backbone) keeps its own init."""
     cfg = load_config(ROOT / "configs" / "mae_tiny.yaml", [f"model.init_from={mae_run}"])
