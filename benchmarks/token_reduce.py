@@ -6,8 +6,10 @@ plain model, side by side in one process (steps alternate A B C ..., so load on 
 
 One train step = forward + cross-entropy on 10 classes + backward + AdamW, fp32, every model from the same initial
 weights and the same random batch (throughput does not depend on the pixels). Prints img/s, the tokens left after
-the last block and the speed-up over r = 0 / keep rate 1. What the switches cost in quality needs trainings:
-docs/benchmarks.md has both, with their commands.
+the last block and the speed-up over r = 0 / keep rate 1, then (unless --no-mask-check) what ToMe's proportional
+attention costs inside attention: the model's SDPA forward + backward at its first block's shape, with and without
+an additive (B, 1, 1, N) float bias (the log token sizes). What the switches cost in quality needs trainings
+(benchmarks/token_reduce_quality.py): docs/benchmarks.md has both, with their commands.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per setting (after 2 warm-up steps)")
     ap.add_argument("--tome", type=int, nargs="*", default=[8, 13, 16], help="tome_r values")
     ap.add_argument("--evit", type=float, nargs="*", default=[0.7, 0.5], help="evit_keep_rate values")
+    ap.add_argument("--no-mask-check", action="store_true", help="skip the SDPA with / without bias timing")
     args = ap.parse_args(argv)
     settings = [("plain", {})]
     settings += [(f"tome_r={r}", dict(tome_r=r)) for r in args.tome]
@@ -68,7 +71,35 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in times.items():
         med = statistics.median(t)
         print(f"| {name} | {left[name]} | {args.batch / med:.1f} | {base / med:.2f}x |")
+    if not args.no_mask_check:
+        mask_check(ref, args.batch, 3 * args.steps)
     return 0
+
+
+def mask_check(model, batch: int, steps: int) -> dict[str, float]:
+    """Median seconds of SDPA forward + backward at the model's attention shape without and with ToMe's additive
+    key bias (B, 1, 1, N); prints both and their ratio."""
+    from ops.attention import attention
+
+    h = model.hparams()
+    heads, dim = h["num_heads"], h["embed_dim"]
+    n = model.num_prefix_tokens + (h["img_size"] // h["patch_size"]) ** 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, dim // heads, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.rand(batch, 1, 1, n, generator=g).log1p()  # log sizes >= 0
+    times: dict[str, list[float]] = {"no bias": [], "bias": []}
+    for i in range(steps + 2):
+        for name, m in (("no bias", None), ("bias", bias)):
+            t0 = time.perf_counter()
+            attention(q, k, v, attn_mask=m).sum().backward()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(
+        f"SDPA fwd+bwd at ({batch}, {heads}, {n}, {dim // heads}): no bias {1e3 * med['no bias']:.1f} ms, "
+        f"with ToMe's float key bias {1e3 * med['bias']:.1f} ms ({med['bias'] / med['no bias']:.2f}x)"
+    )
+    return med
 
 
 if __name__ == "__main__":
