@@ -81,6 +81,24 @@ def test_matches_reference_fp32_forward(H, W, k, d, with_rpb):
         assert not torch.allclose(out, neighborhood_attention(q, kk, v, k, d), atol=1e-3)
 
 
+@pytest.mark.parametrize("tile", [1, 2, 4, 9, 20])
+@pytest.mark.parametrize("H, W, k, d", [(13, 11, 3, 3), (10, 11, 5, 2), (7, 9, 7, 1)])
+def test_any_tile_size_is_the_same_attention(H, W, k, d, tile):
+    """Tiles smaller or larger than the kernel, or than a residue class's sub-grid (queries past its end,
+    halos padded with masked keys): the same outputs and gradients."""
+    torch.manual_seed(0)
+    q, kk, v = (torch.randn(1, 2, H, W, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 2 * k - 1, 2 * k - 1, dtype=torch.float64, requires_grad=True)
+    out = neighborhood_attention(q, kk, v, k, d, rpb, tile=tile)
+    ref = reference_neighborhood_attention(q, kk, v, k, d, rpb)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, (q, kk, v, rpb), g), torch.autograd.grad(ref, (q, kk, v, rpb), g)
+    ):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("H, W, k, d", CASES)
 def test_gradients_match_reference_float64(H, W, k, d):
     """d/d(q, k, v, rpb) in float64, so that summation order cannot hide a wrong gradient."""
