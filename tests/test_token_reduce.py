@@ -165,3 +165,16 @@ def test_default_evit_blocks_follow_the_depth_on_rebuild():
     assert given.hparams()["evit_locs"] == [1]
     with pytest.raises(ValueError, match="evit_locs: block indices \\[1\\] are outside 0..0"):
         type(given)(**{**given.hparams(), "depth": 1})
+
+
+@pytest.mark.parametrize("kw", [dict(tome_r=2), dict(evit_keep_rate=0.5)])
+def test_mae_objective_refuses_reduction_naming_the_switch(tmp_path, kw):
+    """MAE's decoder scatters one encoder token per kept patch back to its place: merged or pruned tokens would
+    land on the wrong patches, silently. The objective refuses when the config is read."""
+    from pretrain.build import load_config
+    from pretrain.errors import ConfigError
+
+    key, value = next(iter(kw.items()))
+    sets = [f'model.kwargs={{"{key}": {value}}}', f"run.output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=f"model.kwargs.{key}: MAE's decoder needs one encoder token"):
+        load_config("configs/mae_tiny.yaml", sets)  # checks the config by building it (on the meta device)

@@ -50,6 +50,12 @@ class MAE(nn.Module):
                 f"MAE needs a ViT-style backbone that encodes a subset of patch tokens (ids_keep); "
                 f"{type(backbone).__name__} is not one (hierarchical families take a mask for SimMIM/SparK instead)"
             )
+        if getattr(backbone, "reduces_tokens", False):  # the decoder puts one token back per kept patch
+            switch = "tome_r" if backbone.tome_r > 0 else "evit_keep_rate"
+            raise ConfigError(
+                f"model.kwargs.{switch}: MAE's decoder needs one encoder token per kept patch, and {switch} "
+                "merges or drops them; pretrain without it, then fine-tune with it (model.init_from)"
+            )
         self.cfg = cfg
         self.backbone = backbone
         self.decoder = MAEDecoder(
