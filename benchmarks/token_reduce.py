@@ -42,16 +42,35 @@ def main(argv: list[str] | None = None) -> int:
     settings += [(f"evit_keep_rate={k:g}", dict(evit_keep_rate=k)) for k in args.evit]
     torch.manual_seed(0)
     ref = create_model(args.model, num_classes=10)
+    h = ref.hparams()
+    rows = side_by_side(ref, dict(settings), args.batch, args.steps)
+    print(
+        f"{args.model} at {h['img_size']} px, batch {args.batch}, fp32, {torch.get_num_threads()} threads, "
+        f"{args.steps} timed steps per setting (median)"
+    )
+    print("| setting | tokens after the last block | img/s | speed-up |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['tokens_left']} | {r['img_per_s']:.1f} | {r['speedup']:.2f}x |")
+    if not args.no_mask_check:
+        mask_check(ref, args.batch, 3 * args.steps)
+    return 0
+
+
+def side_by_side(ref: torch.nn.Module, settings: dict[str, dict], batch: int, steps: int) -> dict[str, dict]:
+    """{name: {"img_per_s", "tokens_left", "speedup"}}: train steps (forward, 10-way cross-entropy, backward, AdamW)
+    of ref's architecture with each setting's switches (the first setting is the baseline), all from ref's weights
+    and one random batch, taking their steps in turn (2 warm-up steps, then the median of `steps`)."""
     runs = {}
-    for name, kw in settings:
-        model = create_model(args.model, num_classes=10, **kw)
+    for name, kw in settings.items():
+        model = type(ref)(**{**ref.hparams(), **kw})
         model.load_state_dict(ref.state_dict())
         runs[name] = (model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4))
     h = ref.hparams()
-    x = torch.randn(args.batch, h["in_chans"], h["img_size"], h["img_size"])
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(batch, h["in_chans"], h["img_size"], h["img_size"])
+    y = torch.randint(0, 10, (batch,))
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(args.steps + 2):
+    for i in range(steps + 2):
         for name, (model, opt) in runs.items():
             t0 = time.perf_counter()
             F.cross_entropy(model(x), y).backward()
@@ -59,21 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad(set_to_none=True)
             if i >= 2:
                 times[name].append(time.perf_counter() - t0)
-    with torch.no_grad():
-        left = {name: model.forward_features(x[:1]).shape[1] for name, (model, _) in runs.items()}
-    base = statistics.median(times["plain"])
-    print(
-        f"{args.model} at {h['img_size']} px, batch {args.batch}, fp32, {torch.get_num_threads()} threads, "
-        f"{args.steps} timed steps per setting (median)"
-    )
-    print("| setting | tokens after the last block | img/s | speed-up |")
-    print("|---|---|---|---|")
-    for name, t in times.items():
-        med = statistics.median(t)
-        print(f"| {name} | {left[name]} | {args.batch / med:.1f} | {base / med:.2f}x |")
-    if not args.no_mask_check:
-        mask_check(ref, args.batch, 3 * args.steps)
-    return 0
+    base = statistics.median(next(iter(times.values())))
+    out = {}
+    for name, (model, _) in runs.items():
+        with torch.no_grad():
+            left = model.forward_features(x[:1]).shape[1]
+        med = statistics.median(times[name])
+        out[name] = {"img_per_s": batch / med, "tokens_left": left, "speedup": base / med}
+    return out
 
 
 def mask_check(model, batch: int, steps: int) -> dict[str, float]:

@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from token_reduce import side_by_side  # noqa: E402  (benchmarks/, this script's folder)
 
 from pretrain.recipe import classifier_accuracy, finetune_overrides  # noqa: E402
 
@@ -51,36 +51,6 @@ def _with(encoder, setting: dict):
     model = type(encoder)(**{**encoder.hparams(), **setting})
     model.load_state_dict(encoder.state_dict())
     return model.eval()
-
-
-def step_throughput(encoder, settings: dict, batch: int, steps: int) -> dict[str, dict]:
-    """{name: {"img_per_s", "tokens_left", "speedup"}} of fine-tune train steps (forward, cross-entropy, backward,
-    AdamW) of the encoder's architecture with a 10-way head, every setting from the same weights and batch."""
-    h = encoder.hparams()
-    runs = {}
-    for name, kw in settings.items():
-        torch.manual_seed(0)
-        model = type(encoder)(**{**h, "num_classes": 10, **kw}).train()
-        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    x = torch.randn(batch, h["in_chans"], h["img_size"], h["img_size"])
-    y = torch.randint(0, 10, (batch,))
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(steps + 2):
-        for name, (model, opt) in runs.items():
-            t0 = time.perf_counter()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["plain"])
-    out = {}
-    for name, (model, _) in runs.items():
-        with torch.no_grad():
-            left = model.forward_features(x[:1]).shape[1]
-        med = statistics.median(times[name])
-        out[name] = {"img_per_s": batch / med, "tokens_left": left, "speedup": base / med}
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quality] {name}: {results['settings'][name]}", flush=True)
 
     # 3. train-step throughput, side by side
-    speed = step_throughput(encoder, settings, args.batch, args.timed_steps)
+    torch.manual_seed(0)
+    ref = type(encoder)(**{**encoder.hparams(), "num_classes": 10})
+    speed = side_by_side(ref, settings, args.batch, args.timed_steps)
     for name in settings:
         results["settings"][name].update(speed[name])
     results["args"] = vars(args)
