@@ -103,6 +103,13 @@ def _tile_indices(H: int, W: int, kernel_size: int, dilation: int, tile: int, de
     queries (T, t*t) and keys (T, s*s) flat positions (s = t + k - 1), allowed (T, t*t, s*s) bool (the key is in
     the query's window), bias (T, t*t, s*s) flat index into a (2k-1)^2 table, and pick (H*W,): where each
     position's output sits in the flattened (T * t*t) tile outputs."""
+    with torch.device("cpu"):  # real index values, also when the model runs under a meta device context (MFU)
+        return tuple(t.to(device) for t in _build_tile_indices(H, W, kernel_size, dilation, tile))
+
+
+def _build_tile_indices(
+    H: int, W: int, kernel_size: int, dilation: int, tile: int
+) -> tuple[torch.Tensor, ...]:
     ty, tx = _axis_tiles(H, kernel_size, dilation, tile), _axis_tiles(W, kernel_size, dilation, tile)
     queries, keys, allowed, bias, real = [], [], [], [], []
     size = 2 * kernel_size - 1
@@ -116,8 +123,7 @@ def _tile_indices(H: int, W: int, kernel_size: int, dilation: int, tile: int, de
     queries, real = torch.stack(queries), torch.stack(real)  # (T, t*t)
     pick = torch.empty(H * W, dtype=torch.long)
     pick[queries[real]] = torch.arange(queries.numel()).view_as(queries)[real]
-    out = (queries, torch.stack(keys), torch.stack(allowed), torch.stack(bias), pick)
-    return tuple(t.to(device) for t in out)
+    return queries, torch.stack(keys), torch.stack(allowed), torch.stack(bias), pick
 
 
 def neighborhood_attention(
